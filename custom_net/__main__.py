@@ -1,0 +1,5 @@
+import sys
+
+from custom_net.train import cli
+
+sys.exit(cli())

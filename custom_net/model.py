@@ -1,0 +1,282 @@
+"""Segmentation networks with the layer layout of the original Supervisely UNet app.
+
+Module names and nesting are part of the checkpoint format: a state dict saved by the
+original app must load strictly, so the attribute names below are not free to change
+(see ../shared/reference/original_state_dicts.json). The VGG and ResNet models register
+encoder layers twice (under ``encoder.*`` and under ``convN``), as the original did.
+
+Every model returns raw per-class logits of shape (N, num_classes, H, W); losses and
+inference apply (log-)softmax themselves. Inputs of any size work: where a decoder
+output and its skip connection disagree by a pixel (sizes not divisible by 32), the
+decoder output is resized to the skip's size.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+
+class EncoderWeightsMissing(FileNotFoundError):
+    """ImageNet weights were asked for but are neither in the torch cache nor at the given path."""
+
+
+def load_imagenet_weights(module: nn.Module, weights_enum, weights_path: str | os.PathLike | None = None):
+    """Load torchvision ImageNet weights into ``module`` without touching the network.
+
+    Looks at ``weights_path`` if given, else in the torch hub cache where
+    ``torchvision`` would have downloaded them.
+    """
+    file_name = os.path.basename(weights_enum.url)
+    path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if not path.is_file():
+        raise EncoderWeightsMissing(
+            f"ImageNet encoder weights not found at {path}. This app never downloads at run time: "
+            f"fetch {weights_enum.url} on a machine with internet and put it at {path} "
+            f"(or pass its path with --encoder-weights), or train from scratch with --encoder-weights none."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state)
+
+
+def _match(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Resize x to ref's spatial size when they differ (odd input sizes)."""
+    if x.shape[-2:] == ref.shape[-2:]:
+        return x
+    return F.interpolate(x, size=ref.shape[-2:], mode="nearest")
+
+
+class ConvRelu(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.activation(self.conv(x))
+
+
+class DeconvDecoderBlock(nn.Module):
+    """Conv + transposed conv that doubles the resolution (TernausNet style)."""
+
+    def __init__(self, in_channels: int, middle_channels: int, out_channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            ConvRelu(in_channels, middle_channels),
+            nn.ConvTranspose2d(middle_channels, out_channels, kernel_size=4, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class UpsampleDecoderBlock(nn.Module):
+    """Bilinear x2 upsampling followed by two conv layers (AlbuNet decoder)."""
+
+    def __init__(self, in_channels: int, middle_channels: int, out_channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            ConvRelu(in_channels, middle_channels),
+            ConvRelu(middle_channels, out_channels),
+        )
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class UNetStage(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.l1 = ConvRelu(in_channels, out_channels)
+        self.l2 = ConvRelu(out_channels, out_channels)
+
+    def forward(self, x):
+        return self.l2(self.l1(x))
+
+
+class UNet(nn.Module):
+    """Classic UNet trained from scratch: five stages of 32..512 filters, 4x4 pooling at the bottom."""
+
+    def __init__(self, num_classes: int, encoder_weights=None, in_channels: int = 3, base: int = 32):
+        super().__init__()
+        if encoder_weights:
+            raise ValueError("UNet has no pretrained encoder; train it from scratch (--encoder-weights none)")
+        widths = [base * f for f in (1, 2, 4, 8, 16)]
+        self.down = nn.ModuleList([UNetStage(in_channels, widths[0])])
+        self.down.extend(UNetStage(w_in, w_out) for w_in, w_out in zip(widths, widths[1:]))
+        self.up = nn.ModuleList(UNetStage(w + w_next, w) for w, w_next in zip(widths, widths[1:]))
+        self.pool_factors = [2, 2, 2, 4]  # downsampling before down[1..4]; the original pooled 4x at the bottom
+        self.conv_final = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x):
+        skips = [self.down[0](x)]
+        for factor, stage in zip(self.pool_factors, self.down[1:]):
+            skips.append(stage(F.max_pool2d(skips[-1], factor)))
+        out = skips.pop()
+        for factor, skip, stage in reversed(list(zip(self.pool_factors, skips, self.up))):
+            out = _match(F.interpolate(out, scale_factor=factor, mode="nearest"), skip)
+            out = stage(torch.cat([out, skip], 1))
+        return self.conv_final(out)
+
+
+class _VGGUNet(nn.Module):
+    """UNet with a VGG encoder (TernausNet). ``stages`` lists the VGG feature indices of each conv stage."""
+
+    vgg_name = ""
+    stages: tuple = ()
+    decoder_widths: tuple = ()
+
+    def __init__(self, num_classes: int, encoder_weights=None, base: int = 32):
+        super().__init__()
+        vgg = getattr(torchvision.models, self.vgg_name)(weights=None)
+        if encoder_weights:
+            weights_enum = torchvision.models.get_model_weights(self.vgg_name).IMAGENET1K_V1
+            load_imagenet_weights(vgg, weights_enum, None if encoder_weights == "imagenet" else encoder_weights)
+        self.encoder = vgg.features
+        self.relu = nn.ReLU(inplace=True)
+        for i, indices in enumerate(self.stages, start=1):
+            layers = []
+            for idx in indices:
+                layers += [self.encoder[idx], self.relu]
+            setattr(self, f"conv{i}", nn.Sequential(*layers))
+        (c_in, m, c), *rest = self.decoder_widths
+        self.center = DeconvDecoderBlock(c_in, m, c)
+        for name, (c_in, m, c) in zip(("dec5", "dec4", "dec3", "dec2"), rest):
+            setattr(self, name, DeconvDecoderBlock(c_in, m, c))
+        self.dec1 = ConvRelu(base * 3, base)
+        self.final = nn.Conv2d(base, num_classes, kernel_size=1)
+
+    def forward(self, x):
+        conv1 = self.conv1(x)
+        conv2 = self.conv2(F.max_pool2d(conv1, 2))
+        conv3 = self.conv3(F.max_pool2d(conv2, 2))
+        conv4 = self.conv4(F.max_pool2d(conv3, 2))
+        conv5 = self.conv5(F.max_pool2d(conv4, 2))
+        out = self.center(F.max_pool2d(conv5, 2))
+        for dec, skip in ((self.dec5, conv5), (self.dec4, conv4), (self.dec3, conv3), (self.dec2, conv2)):
+            out = dec(torch.cat([_match(out, skip), skip], 1))
+        out = self.dec1(torch.cat([_match(out, conv1), conv1], 1))
+        return self.final(out)
+
+
+class UNet11(_VGGUNet):
+    """TernausNet UNet with a VGG11 encoder."""
+
+    vgg_name = "vgg11"
+    stages = ((0,), (3,), (6, 8), (11, 13), (16, 18))
+    decoder_widths = ((512, 512, 256), (768, 512, 256), (768, 512, 128), (384, 256, 64), (192, 128, 32))
+
+
+class UNet16(_VGGUNet):
+    """TernausNet UNet with a VGG16 encoder."""
+
+    vgg_name = "vgg16"
+    stages = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
+    decoder_widths = ((512, 512, 256), (768, 512, 256), (768, 512, 256), (512, 256, 64), (192, 128, 32))
+
+
+def _resnet34(encoder_weights) -> torchvision.models.ResNet:
+    resnet = torchvision.models.resnet34(weights=None)
+    if encoder_weights:
+        weights_enum = torchvision.models.ResNet34_Weights.IMAGENET1K_V1
+        load_imagenet_weights(resnet, weights_enum, None if encoder_weights == "imagenet" else encoder_weights)
+    return resnet
+
+
+class AlbuNet(nn.Module):
+    """UNet with a ResNet34 encoder and bilinear-upsampling decoder (Albu's TernausNet variant)."""
+
+    def __init__(self, num_classes: int, encoder_weights=None, base: int = 32):
+        super().__init__()
+        self.encoder = _resnet34(encoder_weights)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv1 = nn.Sequential(self.encoder.conv1, self.encoder.bn1, self.encoder.relu, self.pool)
+        self.conv2 = self.encoder.layer1
+        self.conv3 = self.encoder.layer2
+        self.conv4 = self.encoder.layer3
+        self.conv5 = self.encoder.layer4
+        self.center = UpsampleDecoderBlock(512, base * 16, base * 8)
+        self.dec5 = UpsampleDecoderBlock(512 + base * 8, base * 16, base * 8)
+        self.dec4 = UpsampleDecoderBlock(256 + base * 8, base * 16, base * 8)
+        self.dec3 = UpsampleDecoderBlock(128 + base * 8, base * 8, base * 2)
+        self.dec2 = UpsampleDecoderBlock(64 + base * 2, base * 4, base * 4)
+        self.dec1 = UpsampleDecoderBlock(base * 4, base * 4, base)
+        self.dec0 = ConvRelu(base, base)
+        self.final = nn.Conv2d(base, num_classes, kernel_size=1)
+
+    def forward(self, x):
+        conv1 = self.conv1(x)
+        conv2 = self.conv2(conv1)
+        conv3 = self.conv3(conv2)
+        conv4 = self.conv4(conv3)
+        conv5 = self.conv5(conv4)
+        out = self.center(self.pool(conv5))
+        for dec, skip in ((self.dec5, conv5), (self.dec4, conv4), (self.dec3, conv3), (self.dec2, conv2)):
+            out = dec(torch.cat([_match(out, skip), skip], 1))
+        out = self.dec0(_match(self.dec1(out), x))
+        return self.final(out)
+
+
+class LinkNetDecoderBlock(nn.Module):
+    """1x1 squeeze, x2 transposed conv, 1x1 expand, each with BatchNorm + ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        mid = in_channels // 4
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_channels, mid, 1)
+        self.norm1 = nn.BatchNorm2d(mid)
+        self.deconv2 = nn.ConvTranspose2d(mid, mid, kernel_size=4, stride=2, padding=1)
+        self.norm2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_channels, 1)
+        self.norm3 = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x):
+        x = self.relu(self.norm1(self.conv1(x)))
+        x = self.relu(self.norm2(self.deconv2(x)))
+        return self.relu(self.norm3(self.conv3(x)))
+
+
+class LinkNet34(nn.Module):
+    """LinkNet with a ResNet34 encoder: decoder outputs are added to (not concatenated with) the skips."""
+
+    def __init__(self, num_classes: int, encoder_weights=None):
+        super().__init__()
+        resnet = _resnet34(encoder_weights)
+        self.firstconv = resnet.conv1
+        self.firstbn = resnet.bn1
+        self.firstrelu = resnet.relu
+        self.firstmaxpool = resnet.maxpool
+        self.encoder1 = resnet.layer1
+        self.encoder2 = resnet.layer2
+        self.encoder3 = resnet.layer3
+        self.encoder4 = resnet.layer4
+        self.decoder4 = LinkNetDecoderBlock(512, 256)
+        self.decoder3 = LinkNetDecoderBlock(256, 128)
+        self.decoder2 = LinkNetDecoderBlock(128, 64)
+        self.decoder1 = LinkNetDecoderBlock(64, 64)
+        self.finaldeconv1 = nn.ConvTranspose2d(64, 32, 3, stride=2)
+        self.finalrelu1 = nn.ReLU(inplace=True)
+        self.finalconv2 = nn.Conv2d(32, 32, 3)
+        self.finalrelu2 = nn.ReLU(inplace=True)
+        self.finalconv3 = nn.Conv2d(32, num_classes, 2, padding=1)
+
+    def forward(self, x):
+        stem = self.firstmaxpool(self.firstrelu(self.firstbn(self.firstconv(x))))
+        e1 = self.encoder1(stem)
+        e2 = self.encoder2(e1)
+        e3 = self.encoder3(e2)
+        e4 = self.encoder4(e3)
+        d = _match(self.decoder4(e4), e3) + e3
+        d = _match(self.decoder3(d), e2) + e2
+        d = _match(self.decoder2(d), e1) + e1
+        d = self.decoder1(d)
+        out = self.finalrelu2(self.finalconv2(self.finalrelu1(self.finaldeconv1(d))))
+        return _match(self.finalconv3(out), x)

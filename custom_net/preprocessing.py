@@ -1,0 +1,71 @@
+"""Image reading, resizing and normalisation shared by training, inference and serving."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageReadError(ValueError):
+    """An image file could not be decoded."""
+
+
+def to_rgb_uint8(image: np.ndarray, source: str = "image") -> np.ndarray:
+    """Bring a decoded image of any depth and channel count to RGB uint8 (H, W, 3).
+
+    ``image`` is in OpenCV channel order (BGR / BGRA) when it has 3 or 4 channels.
+    """
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = cv2.normalize(image.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    if image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    raise ImageReadError(f"{source}: unsupported channel count {image.shape[2]}")
+
+
+def read_image_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8, honouring EXIF orientation as the platform does."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    return decode_image_rgb(data.tobytes(), source=str(path))
+
+
+def decode_image_rgb(data: bytes, source: str = "image") -> np.ndarray:
+    if len(data) == 0:
+        raise ImageReadError(f"{source}: empty file")
+    # ANYDEPTH|ANYCOLOR keeps 16-bit and grey images but, unlike IMREAD_UNCHANGED, applies EXIF rotation.
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if image is None:
+        raise ImageReadError(f"{source}: not a readable image (corrupt or unsupported format)")
+    return to_rgb_uint8(image, source)
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = image.shape[0] > height and image.shape[1] > width
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    if mask.shape[:2] == (height, width):
+        return mask
+    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, H, W, 3) or (N, 3, H, W) batch, already on its device -> normalised float (N, 3, H, W)."""
+    if images.shape[-1] == 3 and images.shape[1] != 3:
+        images = images.permute(0, 3, 1, 2)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return ((images.float() - mean) / std).to(dtype)

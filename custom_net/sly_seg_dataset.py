@@ -1,0 +1,344 @@
+"""Supervisely projects as semantic-segmentation training data.
+
+Each item is decoded and rasterised once per run into a memory-mapped cache of images and
+class-index masks at the training size; epochs then read and augment the cached arrays.
+
+Class ids: ``__bg__`` (pixels no selected label covers) is class 0, the selected classes
+follow in the order given. Overlaps: labels are painted in the order of the annotation's
+label list, so a label listed later (drawn on top on the platform) wins.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import supervisely as sly
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from custom_net import augs
+from custom_net.preprocessing import ImageReadError, read_image_rgb, resize_image, resize_mask
+
+logger = logging.getLogger(__name__)
+
+BG_CLASS = "__bg__"
+BG_COLOR = [0, 0, 0]
+AREA_GEOMETRIES = (sly.Bitmap, sly.AlphaMask, sly.Polygon, sly.Rectangle)
+ALPHA_THRESHOLD = 127  # AlphaMask pixels more than half opaque belong to the label
+
+
+class DataError(ValueError):
+    """The project, an item or a class cannot be used for training; the message says which."""
+
+
+@dataclass(frozen=True)
+class Item:
+    dataset_name: str
+    item_name: str
+    image_path: str
+    ann_path: str
+
+    @property
+    def key(self) -> dict:
+        return {"dataset_name": self.dataset_name, "item_name": self.item_name}
+
+
+def open_project(project_dir: str | os.PathLike) -> sly.Project:
+    path = Path(project_dir)
+    if not path.is_dir():
+        raise DataError(f"project folder {path} does not exist")
+    if not (path / "meta.json").is_file():
+        raise DataError(f"{path} is not a Supervisely project: meta.json is missing")
+    try:
+        json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path / 'meta.json'} is not valid JSON: {e}") from None
+    try:
+        project = sly.Project(str(_sdk_safe_path(path)), sly.OpenMode.READ)
+    except Exception as e:  # the SDK raises RuntimeError / KeyError / FileNotFoundError
+        raise DataError(f"cannot open project {path}: {e}") from None
+    if project.total_items == 0:
+        raise DataError(f"project {path} has no images")
+    return project
+
+
+def _sdk_safe_path(path: Path) -> Path:
+    """The SDK misnames datasets when a folder called 'datasets' is above the project
+    (it takes that for the nested-dataset folder): open such projects through a symlink."""
+    if "datasets" not in path.resolve().parts:
+        return path
+    link = Path(tempfile.mkdtemp(prefix="unet_project_")) / "project"
+    link.symlink_to(path.resolve(), target_is_directory=True)
+    return link
+
+
+def list_items(project: sly.Project) -> list[Item]:
+    items = []
+    for dataset in project.datasets:
+        for name in sorted(dataset.get_items_names()):
+            items.append(Item(dataset.name, name, dataset.get_img_path(name), dataset.get_ann_path(name)))
+    if not items:
+        raise DataError(f"project {project.directory} has no images")
+    return items
+
+
+def has_area(obj_class: sly.ObjClass) -> bool:
+    return issubclass(obj_class.geometry_type, AREA_GEOMETRIES) or obj_class.geometry_type is sly.AnyGeometry
+
+
+def build_model_classes(meta: sly.ProjectMeta, class_names: list[str] | None) -> list[sly.ObjClass]:
+    """``__bg__`` followed by the selected classes (all classes with area when None)."""
+    if class_names is None:
+        selected = [c for c in meta.obj_classes if has_area(c) and c.name != BG_CLASS]
+    else:
+        if len(set(class_names)) != len(class_names):
+            raise DataError(f"--classes lists a class twice: {class_names}")
+        selected = []
+        for name in class_names:
+            obj_class = meta.obj_classes.get(name)
+            if obj_class is None:
+                known = ", ".join(c.name for c in meta.obj_classes) or "none"
+                raise DataError(f"unknown class {name!r} (--classes); the project has: {known}")
+            if not has_area(obj_class):
+                raise DataError(
+                    f"class {name!r} has shape {obj_class.geometry_type.geometry_name()}, which has no area; "
+                    "only bitmap, alpha mask, polygon and rectangle classes can be segmented"
+                )
+            selected.append(obj_class)
+        selected = [c for c in selected if c.name != BG_CLASS]
+    if not selected:
+        raise DataError("no classes with area to train on (bitmap, alpha mask, polygon or rectangle)")
+    return [sly.ObjClass(BG_CLASS, sly.Bitmap, color=BG_COLOR)] + selected
+
+
+def load_annotation(item: Item, meta: sly.ProjectMeta) -> sly.Annotation:
+    try:
+        data = json.loads(Path(item.ann_path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"annotation {item.ann_path}: unreadable JSON ({e})") from None
+    for label in data.get("objects", []) if isinstance(data, dict) else []:
+        title = label.get("classTitle")
+        if title is not None and meta.obj_classes.get(title) is None:
+            raise DataError(f"annotation {item.ann_path}: class {title!r} is not in the project's meta.json")
+    try:
+        return sly.Annotation.from_json(data, meta)
+    except Exception as e:
+        raise DataError(f"annotation {item.ann_path}: invalid ({type(e).__name__}: {e})") from None
+
+
+def _paint_clipped(mask: np.ndarray, top: int, left: int, region: np.ndarray, value: int) -> None:
+    """mask[top:, left:][region] = value, clipped to the mask (labels may stick out of the image)."""
+    height, width = mask.shape
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + region.shape[0], height), min(left + region.shape[1], width)
+    if r0 < r1 and c0 < c1:
+        mask[r0:r1, c0:c1][region[r0 - top : r1 - top, c0 - left : c1 - left]] = value
+
+
+def rasterize(ann: sly.Annotation, class_to_index: dict[str, int], skipped: Counter | None = None) -> np.ndarray:
+    """Class-index mask (H, W) uint8 of the annotation; unselected classes are left as background."""
+    mask = np.zeros(ann.img_size, dtype=np.uint8)
+    for label in ann.labels:
+        index = class_to_index.get(label.obj_class.name)
+        if index is None:
+            continue
+        geometry = label.geometry
+        if isinstance(geometry, sly.AlphaMask):
+            _paint_clipped(mask, geometry.origin.row, geometry.origin.col, geometry.data > ALPHA_THRESHOLD, index)
+        elif isinstance(geometry, sly.Bitmap):
+            _paint_clipped(mask, geometry.origin.row, geometry.origin.col, geometry.data, index)
+        elif isinstance(geometry, sly.Rectangle):
+            region = np.ones((geometry.height, geometry.width), dtype=bool)
+            _paint_clipped(mask, geometry.top, geometry.left, region, index)
+        elif isinstance(geometry, sly.Polygon):
+            geometry.draw(mask, index)  # cv2.fillPoly clips and handles holes
+        elif skipped is not None:
+            skipped[f"{label.obj_class.name} ({geometry.geometry_name()})"] += 1
+    return mask
+
+
+def load_item(item: Item, meta: sly.ProjectMeta, class_to_index: dict[str, int], skipped: Counter | None = None):
+    """Full-size RGB image and class-index mask of one item, checked against each other."""
+    try:
+        image = read_image_rgb(item.image_path)
+    except (ImageReadError, OSError) as e:
+        raise DataError(f"image {item.image_path}: {e}") from None
+    ann = load_annotation(item, meta)
+    if tuple(ann.img_size) != image.shape[:2]:
+        raise DataError(
+            f"annotation {item.ann_path} is for a {ann.img_size[1]}x{ann.img_size[0]} image, "
+            f"but {item.image_path} is {image.shape[1]}x{image.shape[0]}"
+        )
+    return image, rasterize(ann, class_to_index, skipped)
+
+
+class PreparedData:
+    """Images and masks of ``items`` resized to (height, width), decoded once into memory-mapped arrays."""
+
+    def __init__(self, items: list[Item], meta: sly.ProjectMeta, class_names: list[str],
+                 height: int, width: int, cache_dir: str | None = None, num_threads: int | None = None):
+        self.items = list(items)
+        self.class_names = list(class_names)
+        self._tmp = tempfile.TemporaryDirectory(prefix="unet_cache_", dir=cache_dir)
+        n = len(self.items)
+        self.images = np.lib.format.open_memmap(
+            os.path.join(self._tmp.name, "images.npy"), mode="w+", dtype=np.uint8, shape=(n, height, width, 3))
+        self.masks = np.lib.format.open_memmap(
+            os.path.join(self._tmp.name, "masks.npy"), mode="w+", dtype=np.uint8, shape=(n, height, width))
+        self.skipped_geometries: Counter = Counter()
+        self.pixel_counts = np.zeros(len(class_names), dtype=np.int64)  # at full resolution
+        class_to_index = {name: i for i, name in enumerate(class_names)}
+
+        def prepare(i: int):
+            skipped = Counter()
+            try:
+                image, mask = load_item(self.items[i], meta, class_to_index, skipped)
+            except DataError as e:
+                return str(e), skipped, None
+            self.images[i] = resize_image(image, height, width)
+            self.masks[i] = resize_mask(mask, height, width)
+            return None, skipped, np.bincount(mask.ravel(), minlength=len(class_names))
+
+        errors = []
+        workers = num_threads or min(8, (os.cpu_count() or 1) + 2)
+        with ThreadPoolExecutor(workers) as pool:
+            for error, skipped, counts in pool.map(prepare, range(n)):
+                self.skipped_geometries.update(skipped)
+                if error:
+                    errors.append(error)
+                else:
+                    self.pixel_counts += counts[: len(class_names)]
+        if errors:
+            shown = "\n  ".join(errors[:20])
+            more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+            raise DataError(f"{len(errors)} item(s) cannot be used:\n  {shown}{more}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def close(self) -> None:
+        del self.images, self.masks
+        self._tmp.cleanup()
+
+
+class EpochSampler(Sampler):
+    """Yields ``epoch * n + index``: the order (and, via the dataset, the augmentation) of every
+    epoch is a function of (seed, epoch) alone, so runs repeat and resume exactly whatever the
+    number of workers."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = range(self.size)
+        return (self.epoch * self.size + i for i in order)
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class SlySegDataset(Dataset):
+    """(image uint8 (H, W, 3), mask int64 (H, W)) pairs from prepared data, augmented on the fly.
+
+    Indices come from ``EpochSampler``; plain indices 0..n-1 (epoch 0) work too.
+    """
+
+    def __init__(self, data: PreparedData, augs_config: dict | None = None, seed: int = 0):
+        self.data = data
+        self.augs_config = augs_config
+        self.seed = seed
+        self._augmenter = None  # built lazily: once per worker process
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: int):
+        epoch, index = divmod(int(key), len(self.data))
+        image = np.asarray(self.data.images[index])
+        mask = np.asarray(self.data.masks[index])
+        if self.augs_config is not None:
+            if self._augmenter is None:
+                self._augmenter = augs.build_augmenter(self.augs_config)
+            sample_seed = (self.seed * 1_000_003 + epoch * 100_003 + index) % (2**31)
+            image, mask = augs.augment(self._augmenter, image, mask, sample_seed)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(mask.astype(np.int64))
+
+
+# ---- splits --------------------------------------------------------------------------
+
+def split_random(items: list[Item], val_percent: float, seed: int) -> tuple[list[Item], list[Item]]:
+    if not 0 < val_percent < 100:
+        raise DataError(f"--val-percent must be between 0 and 100, got {val_percent}")
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    n_val = max(1, round(len(items) * val_percent / 100)) if len(items) > 1 else 0
+    return _check_split(shuffled[n_val:], shuffled[:n_val], f"random split of {len(items)} item(s) at {val_percent}%")
+
+
+def split_by_datasets(items: list[Item], train_datasets: list[str], val_datasets: list[str]):
+    known = sorted({item.dataset_name for item in items})
+    for name in list(train_datasets) + list(val_datasets):
+        if name not in known:
+            raise DataError(f"unknown dataset {name!r} (--train-datasets/--val-datasets); the project has: {', '.join(known)}")
+    train = [i for i in items if i.dataset_name in train_datasets]
+    val = [i for i in items if i.dataset_name in val_datasets]
+    return _check_split(train, val, "split by datasets")
+
+
+def split_by_tags(items: list[Item], meta: sly.ProjectMeta, train_tag: str, val_tag: str, untagged: str = "ignore"):
+    """Items tagged ``train_tag`` / ``val_tag``; ``untagged`` items go to 'train', 'val' or are ignored."""
+    train, val = [], []
+    for item in items:
+        ann = load_annotation(item, meta)
+        names = {tag.name for tag in ann.img_tags}
+        if train_tag in names:
+            train.append(item)
+        elif val_tag in names:
+            val.append(item)
+        elif untagged == "train":
+            train.append(item)
+        elif untagged == "val":
+            val.append(item)
+    return _check_split(train, val, f"split by tags {train_tag!r} / {val_tag!r}")
+
+
+def split_from_files(items: list[Item], train_path: str, val_path: str):
+    by_key = {(i.dataset_name, i.item_name): i for i in items}
+
+    def read(path: str) -> list[Item]:
+        try:
+            entries = json.loads(Path(path).read_text(encoding="utf-8"))
+            keys = [(e["dataset_name"], e["item_name"]) for e in entries]
+        except FileNotFoundError:
+            raise DataError(f"split file {path} not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
+            raise DataError(f"split file {path}: expected a JSON list of {{dataset_name, item_name}} ({e})") from None
+        missing = [k for k in keys if k not in by_key]
+        if missing:
+            raise DataError(f"split file {path}: {len(missing)} item(s) not in the project, e.g. {missing[0][0]}/{missing[0][1]}")
+        return [by_key[k] for k in keys]
+
+    return _check_split(read(train_path), read(val_path), "split from files")
+
+
+def _check_split(train: list[Item], val: list[Item], how: str):
+    if not train:
+        raise DataError(f"{how}: the training set is empty")
+    if not val:
+        raise DataError(f"{how}: the validation set is empty")
+    return train, val

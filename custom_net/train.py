@@ -1,0 +1,556 @@
+"""Train a segmentation model on a Supervisely project.
+
+    python custom_net/train.py --project-dir DIR --model UNet11 --classes kiwi lemon --epochs 30 --output results/exp1
+    python custom_net/train.py --train-args results/exp1/checkpoints/train_args.json   # repeat a run
+    python custom_net/train.py --resume results/exp1                                   # continue a stopped run
+    python custom_net/train.py --demo                                                  # synthetic data, CPU-sized
+
+``main(argv, reporter)`` is the single entry point for the CLI and the dashboard.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from custom_net import augs, sly_seg_dataset as data
+from custom_net.inference import predict_probabilities
+from custom_net.loss import LOSSES, build_loss
+from custom_net.model import AlbuNet, LinkNet34, UNet, UNet11, UNet16
+from custom_net.reporting import ConsoleReporter, JsonLinesReporter, Reporter
+from custom_net.utils import (AMP_MODES, LR_SCHEDULES, OPTIMIZERS, CheckpointSaver, NonFiniteLoss, StopRequested,
+                              atomic_torch_save, atomic_write_json, build_optimizer, build_scheduler, current_lr,
+                              resolve_amp, seed_everything, select_device, train_one_epoch)
+from custom_net.validation import evaluate
+from custom_net.visualize import preview_panel, save_charts, save_png
+
+# The architecture registry: the CLI choices, the dashboard's model table and the tests all read it.
+# A new architecture = a class in model.py taking (num_classes, encoder_weights) + one entry here.
+model_list = {
+    "UNet": {"class": UNet, "description": "Classic UNet, trained from scratch", "pretrained_encoder": None},
+    "UNet11": {"class": UNet11, "description": "UNet with a VGG11 encoder (TernausNet)", "pretrained_encoder": "vgg11"},
+    "UNet16": {"class": UNet16, "description": "UNet with a VGG16 encoder (TernausNet)", "pretrained_encoder": "vgg16"},
+    "AlbuNet": {"class": AlbuNet, "description": "UNet with a ResNet34 encoder", "pretrained_encoder": "resnet34"},
+    "LinkNet34": {"class": LinkNet34, "description": "LinkNet with a ResNet34 encoder", "pretrained_encoder": "resnet34"},
+}
+
+BEST_METRICS = ("mean_fg_iou", "mean_iou", "mean_fg_dice", "mean_dice", "pixel_accuracy", "val_loss")
+SPLIT_METHODS = ("random", "datasets", "tags", "files")
+RESUME_STATE = "resume_state.pt"  # not *.pth: model_*.pth files must stay plain state dicts
+
+# --demo: small enough to train on a laptop CPU in a few minutes.
+DEMO_DEFAULTS = dict(model="UNet", encoder_weights="none", epochs=20, input_height=128, input_width=160,
+                     batch_size=4, lr=3e-3, output="results/demo")
+
+logger = logging.getLogger("custom_net")
+
+
+class ArgsError(ValueError):
+    """Bad command-line or train_args.json input; the message names the flag or file."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # raise instead of sys.exit so main(argv) callers get an exception
+        raise ArgsError(message)
+
+
+def build_model(name: str, num_classes: int, encoder_weights: str | None = None) -> torch.nn.Module:
+    if name not in model_list:
+        raise ArgsError(f"unknown model {name!r}; choose from {', '.join(model_list)}")
+    weights = None if encoder_weights in (None, "", "none") else encoder_weights
+    if weights and not model_list[name]["pretrained_encoder"]:
+        raise ArgsError(f"--encoder-weights: {name} has no pretrained encoder; use --encoder-weights none")
+    return model_list[name]["class"](num_classes=num_classes, encoder_weights=weights)
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _size(text):
+    value = int(text)
+    if value < 32 or value % 32:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 32 (32, 64, ... 256 ...), got {value}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="custom_net/train.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("input")
+    g.add_argument("--project-dir", help="Supervisely-format project folder")
+    g.add_argument("--demo", action="store_true", help="build a synthetic demo project and train on it with CPU-sized defaults")
+    g.add_argument("--train-args", metavar="JSON", help="train_args.json of an earlier run: its values become the defaults")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR from its last saved epoch")
+    g.add_argument("--classes", nargs="+", metavar="CLASS", help="classes to segment, in this order (default: all with area); __bg__ is added")
+    g.add_argument("--split", choices=SPLIT_METHODS, default="random", help="how to make train / val sets")
+    g.add_argument("--val-percent", type=float, default=20.0, help="random split: share of items for validation")
+    g.add_argument("--train-datasets", nargs="+", default=[], metavar="DS", help="split by datasets: training datasets")
+    g.add_argument("--val-datasets", nargs="+", default=[], metavar="DS", help="split by datasets: validation datasets")
+    g.add_argument("--train-tag", default="train", help="split by tags: tag of training items")
+    g.add_argument("--val-tag", default="val", help="split by tags: tag of validation items")
+    g.add_argument("--untagged", choices=("ignore", "train", "val"), default="ignore", help="split by tags: where items with neither tag go")
+    g.add_argument("--train-set", metavar="JSON", help="split from files: train_set.json")
+    g.add_argument("--val-set", metavar="JSON", help="split from files: val_set.json")
+    g.add_argument("--sly-augs-path", default="", help="augmentation config (Supervisely / ImgAug Studio JSON) or a template name; empty = none")
+    g.add_argument("--input-height", type=_size, default=256, help="model input height (multiple of 32)")
+    g.add_argument("--input-width", type=_size, default=256, help="model input width (multiple of 32)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(model_list), default="UNet11", help="architecture")
+    g.add_argument("--encoder-weights", default="auto",
+                   help="ImageNet encoder weights: 'imagenet' (torch cache), a file path, 'none', or 'auto' (imagenet if cached, else none)")
+    g.add_argument("--custom-weights", default="", metavar="PTH", help="start from this state dict (e.g. a model_*.pth of an earlier run)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=20)
+    g.add_argument("--batch-size", type=_positive_int, default=8)
+    g.add_argument("--loss", choices=list(LOSSES), default="ce_dice", help="ce_dice = cross-entropy + soft Dice; jaccard_nll = the original (1-w)*NLL - w*log(soft Jaccard)")
+    g.add_argument("--jaccard-weight", type=_fraction, default=0.5, help="w in the loss (Jaccard or Dice share)")
+    g.add_argument("--class-weights", nargs="+", type=float, metavar="W", help="per-class loss weights, __bg__ first")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, initial weights, order and augmentations")
+    g.add_argument("--amp", choices=AMP_MODES, default="auto", help="mixed precision (auto = bf16 where the device runs it fast)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="Adam")
+    g.add_argument("--lr", type=_positive_float, default=1e-3)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD only")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="SGD only")
+
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine", help="cosine = linear warmup then cosine decay, per iteration")
+    g.add_argument("--step-size", type=_positive_int, default=5, help="StepLR: epochs between decays")
+    g.add_argument("--gamma-step", type=float, default=0.1, help="StepLR / MultiStepLR factor")
+    g.add_argument("--milestones", type=_positive_int, nargs="+", default=[5, 10, 15], help="MultiStepLR epochs")
+    g.add_argument("--gamma-exp", type=float, default=0.9, help="ExponentialLR factor per epoch")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="cosine: linear warmup length in epochs")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="cosine: final learning rate")
+
+    g = p.add_argument_group("validation and checkpoints")
+    g.add_argument("--val-interval", type=_positive_int, default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--best-metric", choices=BEST_METRICS, default="mean_fg_iou", help="chooses model_NNN_best.pth")
+    g.add_argument("--checkpoint-interval", type=int, default=1, help="save model_NNN.pth every N epochs (0 = never)")
+    g.add_argument("--max-keep-ckpts", type=int, default=2, help="how many model_NNN.pth to keep (-1 = all)")
+    g.add_argument("--save-best", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--save-last", action=argparse.BooleanOptionalAction, default=True)
+
+    g = p.add_argument_group("system and output")
+    g.add_argument("--output", default="results/run", help="artifact folder (a free name is chosen if it exists)")
+    g.add_argument("--gpu-id", default="auto", help="'cpu', 'cuda:N', or 'auto' (first GPU if any)")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--cache-dir", default=None, help="where the decoded-image cache lives during the run (default: system temp)")
+    g.add_argument("--metrics-period", type=_positive_int, default=10, help="report training loss every N iterations")
+    g.add_argument("--vis-count", type=int, default=3, help="prediction-preview items per split")
+    g.add_argument("--vis-interval", type=int, default=0, help="previews every N epochs (0 = about ten times per run)")
+    g.add_argument("--reporter", choices=("console", "jsonl", "none"), default="console", help="progress output of the CLI")
+    return p
+
+
+# Flags whose values describe where/how to run, not what is trained: left out of train_args.json checks.
+_NOT_RECORDED = ("train_args", "resume", "demo")
+
+
+def _load_json_defaults(parser, path: str) -> dict:
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArgsError(f"--train-args: {path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArgsError(f"--train-args: {path} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ArgsError(f"--train-args: {path} must hold a JSON object of argument values")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ArgsError(f"--train-args: {path} has unknown argument(s): {', '.join(unknown)}")
+    # Re-check every value the way its flag would be checked.
+    for action in parser._actions:
+        if action.dest in values and action.type is not None and values[action.dest] is not None:
+            items = values[action.dest] if isinstance(values[action.dest], list) else [values[action.dest]]
+            try:
+                [action.type(str(v)) for v in items]
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise ArgsError(f"--train-args: {path}: {action.dest} = {values[action.dest]!r}: {e}") from None
+        if action.dest in values and action.choices is not None and values[action.dest] not in action.choices:
+            raise ArgsError(f"--train-args: {path}: {action.dest} = {values[action.dest]!r}; "
+                            f"choose from {', '.join(map(str, action.choices))}")
+    return {k: v for k, v in values.items() if k not in _NOT_RECORDED}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = parser.parse_args(argv)
+    if first.resume:
+        run_args = Path(first.resume) / "checkpoints" / "train_args.json"
+        if not run_args.is_file():
+            raise ArgsError(f"--resume: {first.resume} is not a run folder ({run_args} is missing)")
+        parser.set_defaults(**_load_json_defaults(parser, str(run_args)), output=str(first.resume))
+    elif first.train_args:
+        parser.set_defaults(**_load_json_defaults(parser, first.train_args))
+    elif first.demo:
+        parser.set_defaults(**DEMO_DEFAULTS)
+    args = parser.parse_args(argv)
+    if args.resume:
+        args.output = args.resume
+    if not args.project_dir and not args.demo:
+        raise ArgsError("--project-dir is required (or --demo for synthetic data)")
+    if args.split == "datasets" and not (args.train_datasets and args.val_datasets):
+        raise ArgsError("--split datasets needs --train-datasets and --val-datasets")
+    if args.split == "files" and not (args.train_set and args.val_set):
+        raise ArgsError("--split files needs --train-set and --val-set")
+    if args.checkpoint_interval < 0:
+        raise ArgsError("--checkpoint-interval must be >= 0")
+    if args.num_workers < 0:
+        raise ArgsError("--num-workers must be >= 0")
+    return args
+
+
+def _resolve_encoder_weights(args) -> str:
+    """'auto' becomes 'imagenet' when the weights are in the torch cache, else 'none' (with a notice)."""
+    spec = args.encoder_weights
+    encoder = model_list[args.model]["pretrained_encoder"]
+    if spec != "auto":
+        if spec not in ("none", "imagenet") and not Path(spec).is_file():
+            raise ArgsError(f"--encoder-weights: file {spec} not found")
+        return spec
+    if encoder is None or args.custom_weights:
+        return "none"
+    import torchvision
+    weights = torchvision.models.get_model_weights(encoder).IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if cached.is_file():
+        return "imagenet"
+    warnings.warn(f"ImageNet weights for the {encoder} encoder are not in the torch cache ({cached}); "
+                  f"training {args.model} from scratch. Put {weights.url} there for a pretrained encoder.")
+    return "none"
+
+
+def _free_output_dir(path: Path) -> Path:
+    """``path`` if free or empty, else the first free ``path_NNN`` (as the platform names folders)."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return path
+    for i in range(1000):
+        candidate = path.with_name(f"{path.name}_{i:03d}")
+        if not candidate.exists():
+            return candidate
+    raise ArgsError(f"--output: no free folder name next to {path}")
+
+
+def _make_splits(args, project, items):
+    meta = project.meta
+    if args.split == "random":
+        return data.split_random(items, args.val_percent, args.seed)
+    if args.split == "datasets":
+        return data.split_by_datasets(items, args.train_datasets, args.val_datasets)
+    if args.split == "tags":
+        return data.split_by_tags(items, meta, args.train_tag, args.val_tag, args.untagged)
+    return data.split_from_files(items, args.train_set, args.val_set)
+
+
+def _load_custom_weights(model, path: str, report) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArgsError(f"--custom-weights: {path} not found") from None
+    except Exception as e:
+        raise ArgsError(f"--custom-weights: {path} is not a PyTorch state dict ({e})") from None
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise ArgsError(f"--custom-weights: {path} does not fit this architecture "
+                        f"(unexpected keys such as {unexpected[0]})")
+    # A checkpoint trained for other classes: keep everything but the differently shaped head.
+    mismatched = [k for k in state if state[k].shape != own[k].shape]
+    for key in mismatched:
+        del state[key]
+    model.load_state_dict(state, strict=False)
+    if mismatched:
+        report("warning", f"--custom-weights: {len(mismatched)} tensor(s) of another shape left untrained-initialised "
+                          f"({', '.join(mismatched)}): the class count differs")
+
+
+def _vis_items(items, count: int, seed: int) -> list[int]:
+    indices = list(range(len(items)))
+    random.Random(seed).shuffle(indices)
+    return sorted(indices[: max(0, count)])
+
+
+@contextmanager
+def _stop_on_sigterm(reporter: Reporter):
+    """SIGTERM ends the run cleanly (last checkpoint saved) instead of killing it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: reporter.request_stop())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _make_reporter(name: str) -> Reporter:
+    return {"console": ConsoleReporter, "jsonl": JsonLinesReporter, "none": Reporter}[name]()
+
+
+def ui_state_from_args(args, model_classes) -> dict:
+    """What the dashboard would hold for this run; serving reads selectedModel and imgSize."""
+    return {
+        "selectedModel": args.model,
+        "imgSize": {"width": args.input_width, "height": args.input_height},
+        "selectedClasses": [c.name for c in model_classes[1:]],
+        "augsConfig": args.sly_augs_path,
+        "epochs": args.epochs,
+        "batchSizePerGPU": args.batch_size,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "lrSchedule": args.lr_schedule,
+        "gpusId": args.gpu_id,
+        "weightsInitialization": "custom" if args.custom_weights else args.encoder_weights,
+    }
+
+
+def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_state: dict | None = None) -> dict:
+    """Run training; returns the summary. Bad input raises (ArgsError / DataError / AugsConfigError)
+    before the output folder is created."""
+    args = parse_args(argv)
+    reporter = reporter or _make_reporter(args.reporter)
+    report = reporter.message
+
+    # ---- everything that can be wrong with the input is checked before the output folder exists
+    if args.demo and not args.project_dir:
+        from custom_net.demo import demo_project_dir
+        args.project_dir = str(demo_project_dir())
+    project = data.open_project(args.project_dir)
+    items = data.list_items(project)
+    model_classes = data.build_model_classes(project.meta, args.classes)
+    class_names = [c.name for c in model_classes]
+    train_items, val_items = _make_splits(args, project, items)
+    augs_config = augs.load_augs_config(args.sly_augs_path) if args.sly_augs_path else None
+    args.encoder_weights = _resolve_encoder_weights(args)
+    device = select_device("cuda:0" if args.gpu_id == "auto" and torch.cuda.is_available()
+                           else "cpu" if args.gpu_id == "auto" else args.gpu_id)
+    amp_dtype = resolve_amp(args.amp, device)
+    seed_everything(args.seed)
+    model = build_model(args.model, len(model_classes), args.encoder_weights)
+    if args.custom_weights:
+        _load_custom_weights(model, args.custom_weights, report)
+    criterion = build_loss(args.loss, len(model_classes), args.jaccard_weight, args.class_weights)
+    if args.batch_size > len(train_items):
+        report("warning", f"--batch-size {args.batch_size} is larger than the {len(train_items)} training item(s): "
+                          f"each epoch is a single batch of {len(train_items)}")
+
+    started = time.time()
+    train_data = data.PreparedData(train_items, project.meta, class_names, args.input_height, args.input_width, args.cache_dir)
+    val_data = data.PreparedData(val_items, project.meta, class_names, args.input_height, args.input_width, args.cache_dir)
+    skipped = train_data.skipped_geometries + val_data.skipped_geometries
+    if skipped:
+        report("warning", "labels without area were skipped: " + ", ".join(f"{k} x{v}" for k, v in sorted(skipped.items())))
+    unlabelled = [name for name, n in zip(class_names[1:], (train_data.pixel_counts + val_data.pixel_counts)[1:]) if n == 0]
+    if unlabelled:
+        train_data.close(), val_data.close()
+        raise data.DataError(f"class(es) {', '.join(map(repr, unlabelled))} have no labelled pixels in the "
+                             "training or validation items; label them or leave them out of --classes")
+    try:
+        return _run(args, reporter, ui_state, project, model_classes, train_data, val_data, augs_config,
+                    model, criterion, device, amp_dtype, started)
+    finally:
+        train_data.close()
+        val_data.close()
+
+
+def _run(args, reporter, ui_state, project, model_classes, train_data, val_data, augs_config,
+         model, criterion, device, amp_dtype, started) -> dict:
+    report = reporter.message
+    class_names = [c.name for c in model_classes]
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    criterion.to(device)
+    optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay, args.nesterov)
+
+    train_set = data.SlySegDataset(train_data, augs_config, seed=args.seed)
+    val_set = data.SlySegDataset(val_data)
+    sampler = data.EpochSampler(len(train_set), args.seed, shuffle=True)
+    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                         persistent_workers=args.num_workers > 0)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **loader_kwargs)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **loader_kwargs)
+    scheduler, per_iteration = build_scheduler(args, optimizer, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    # ---- the artifact tree
+    resuming = bool(args.resume)
+    output = Path(args.output) if resuming else _free_output_dir(Path(args.output))
+    if not resuming and output != Path(args.output):
+        report("info", f"{args.output} exists and is not empty: writing to {output}")
+    args.output = str(output)
+    checkpoints, info = output / "checkpoints", output / "info"
+    for folder in (checkpoints, info, info / "charts", info / "previews"):
+        folder.mkdir(parents=True, exist_ok=True)
+    saver = CheckpointSaver(checkpoints, args.checkpoint_interval, args.max_keep_ckpts, args.best_metric,
+                            args.save_best, args.save_last)
+    history: list[dict] = []
+    start_epoch = 1
+    if resuming:
+        state_path = checkpoints / RESUME_STATE
+        if not state_path.is_file():
+            raise ArgsError(f"--resume: {state_path} is missing: the run ended before its first epoch; start it anew")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        saver.load_state_dict(state["saver"])
+        history = state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = state["epoch"] + 1
+        report("info", f"resuming {output} at epoch {start_epoch} of {args.epochs}")
+    else:
+        recorded = {k: v for k, v in vars(args).items() if k not in _NOT_RECORDED}
+        atomic_write_json(checkpoints / "train_args.json", recorded)
+        atomic_write_json(info / "model_classes.json", [c.to_json() for c in model_classes])
+        atomic_write_json(info / "ui_state.json", ui_state or ui_state_from_args(args, model_classes))
+        atomic_write_json(info / "train_set.json", [i.key for i in train_data.items])
+        atomic_write_json(info / "val_set.json", [i.key for i in val_data.items])
+        if augs_config is not None:
+            atomic_write_json(info / "augs_config.json", augs_config)
+            (info / "augs_preview.py").write_text(augs.augs_to_python(augs_config), encoding="utf-8")
+    vis = {"train": _vis_items(train_data.items, args.vis_count, args.seed),
+           "val": _vis_items(val_data.items, args.vis_count, args.seed + 1)}
+    for split, prepared in (("train", train_data), ("val", val_data)):
+        atomic_write_json(info / f"{split}_vis_items.json", [prepared.items[i].key for i in vis[split]])
+    vis_interval = args.vis_interval or max(1, args.epochs // 10)
+
+    reporter.start({"epochs": args.epochs, "start_epoch": start_epoch, "iters_per_epoch": len(train_loader),
+                    "val_iters": len(val_loader), "train_size": len(train_data), "val_size": len(val_data),
+                    "classes": class_names, "device": str(device), "amp": str(amp_dtype).replace("torch.", ""),
+                    "model": args.model, "output_dir": str(output)})
+
+    epoch, status = start_epoch - 1, "finished"
+    with _stop_on_sigterm(reporter):
+        try:
+            for epoch in range(start_epoch, args.epochs + 1):
+                reporter.epoch_start(epoch)
+                sampler.set_epoch(epoch)
+
+                def on_step(iteration, loss, lr, epoch=epoch):
+                    if iteration % args.metrics_period == 0 or iteration == len(train_loader):
+                        reporter.train_step(epoch, iteration, len(train_loader), loss, lr)
+                    if reporter.should_stop():
+                        raise StopRequested()
+
+                lr = current_lr(optimizer)
+                train_loss = train_one_epoch(model, criterion, optimizer, train_loader, device, epoch=epoch,
+                                             scheduler=scheduler if per_iteration else None, scaler=scaler,
+                                             amp_dtype=amp_dtype, memory_format=memory_format, on_step=on_step)
+                if scheduler is not None and not per_iteration:
+                    scheduler.step()
+                record = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
+                if epoch % args.val_interval == 0 or epoch == args.epochs:
+                    record.update(evaluate(model, criterion, val_loader, device, class_names, amp_dtype, memory_format,
+                                           progress=lambda done, total, e=epoch: reporter.val_progress(e, done, total)))
+                history.append(record)
+                with open(info / "metrics.jsonl", "a", encoding="utf-8") as log:
+                    log.write(json.dumps(record) + "\n")
+                saver.on_epoch_end(model, epoch, record if "val_loss" in record else None)
+                if epoch % vis_interval == 0 or epoch == args.epochs:
+                    _previews(reporter, model, epoch, vis, train_data, val_data, model_classes, device, amp_dtype, info)
+                if "val_loss" in record:
+                    save_charts(history, info / "charts", class_names)
+                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                                   "scaler": scaler.state_dict() if scaler is not None else None,
+                                   "saver": saver.state_dict(), "history": history, "epoch": epoch,
+                                   "torch_rng": torch.get_rng_state()}, checkpoints / RESUME_STATE)
+                reporter.epoch_end(epoch, record)
+        except StopRequested:
+            status = "stopped"
+            report("info", f"stop requested during epoch {epoch}: saving the current weights as the last checkpoint")
+        except NonFiniteLoss as e:
+            status = "failed"
+            report("error", f"{e}. Checkpoints saved so far are kept in {checkpoints}")
+            reporter.finish(_summary(args, history, saver, status, epoch, output, started))
+            raise
+
+    last = saver.on_train_end(model, epoch if status == "finished" else max(epoch, 1))
+    save_charts(history, info / "charts", class_names) if history else None
+    summary = _summary(args, history, saver, status, epoch, output, started, last)
+    atomic_write_json(info / "summary.json", summary)
+    reporter.finish(summary)
+    return summary
+
+
+def _summary(args, history, saver, status, epoch, output, started, last=None) -> dict:
+    best = None
+    if saver.best_path:
+        best_record = next(r for r in history if f"model_{r['epoch']:03d}_best.pth" == saver.best_path)
+        best = {"metric": args.best_metric, "value": saver.best_value, "epoch": best_record["epoch"],
+                "checkpoint": str(Path(output) / "checkpoints" / saver.best_path),
+                "metrics": {k: v for k, v in best_record.items() if k not in ("epoch",)}}
+    return {"status": status, "epochs": args.epochs, "last_epoch": epoch, "output_dir": str(output),
+            "best": best, "last_checkpoint": str(last) if last else None,
+            "final": history[-1] if history else None, "seconds": round(time.time() - started, 1)}
+
+
+def _previews(reporter, model, epoch, vis, train_data, val_data, model_classes, device, amp_dtype, info: Path):
+    colors = [c.color for c in model_classes]
+    for split, prepared in (("train", train_data), ("val", val_data)):
+        indices = vis[split]
+        if not indices:
+            continue
+        images = np.stack([prepared.images[i] for i in indices])
+        predictions = predict_probabilities(model, images, device, amp_dtype).argmax(1).to(torch.uint8).cpu().numpy()
+        panels = [(prepared.items[i].item_name, preview_panel(images[k], prepared.masks[i], predictions[k], colors))
+                  for k, i in enumerate(indices)]
+        save_png(info / "previews" / f"{split}_epoch_{epoch:03d}.png", np.concatenate([p for _, p in panels], axis=0))
+        reporter.previews(epoch, split, panels)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    warnings.formatwarning = lambda message, category, *_: f"[warning] {message}\n"
+    try:
+        summary = main(argv)
+    except (ArgsError, data.DataError, augs.AugsConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss:
+        return 3
+    return 0 if summary["status"] in ("finished", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

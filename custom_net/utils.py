@@ -1,0 +1,218 @@
+"""Training loop pieces: device and precision choice, optimizer, LR schedule, one epoch, checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim import lr_scheduler
+
+from custom_net.preprocessing import normalize_batch
+
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+LR_SCHEDULES = ("none", "StepLR", "ExponentialLR", "MultiStepLR", "cosine")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopRequested(Exception):
+    """The user asked to stop (dashboard Stop, SIGTERM); training ends cleanly."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def select_device(gpu_id: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'N'. A missing GPU means the CPU, with a warning, never a refusal."""
+    text = str(gpu_id).strip().lower()
+    if text.isdigit():
+        text = f"cuda:{text}"
+    if text == "cpu":
+        return torch.device("cpu")
+    if not text.startswith("cuda"):
+        raise ValueError(f"--gpu-id must be 'cpu', 'cuda' or 'cuda:N', got {gpu_id!r}")
+    if not torch.cuda.is_available():
+        warnings.warn(f"--gpu-id {gpu_id}: no CUDA device is available; training on the CPU")
+        return torch.device("cpu")
+    device = torch.device(text)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--gpu-id {gpu_id}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX512_BF16", "AMX", "AVX512_AMX"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on ``device`` (None = float32)."""
+    if mode not in AMP_MODES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {mode!r}")
+    if mode == "off":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def build_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float, nesterov: bool):
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(args, optimizer, iters_per_epoch: int):
+    """Returns (scheduler or None, steps_per_iteration). Epoch schedules step after each epoch's
+    optimizer steps; ``cosine`` (linear warmup, then cosine decay to ``min_lr``) steps every iteration."""
+    name = args.lr_schedule
+    if name == "none":
+        return None, False
+    if name == "StepLR":
+        return lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma_step), False
+    if name == "ExponentialLR":
+        return lr_scheduler.ExponentialLR(optimizer, gamma=args.gamma_exp), False
+    if name == "MultiStepLR":
+        return lr_scheduler.MultiStepLR(optimizer, milestones=list(args.milestones), gamma=args.gamma_step), False
+    if name == "cosine":
+        total = max(1, args.epochs * iters_per_epoch)
+        warmup = min(int(round(args.warmup_epochs * iters_per_epoch)), total - 1)
+        floor = args.min_lr / args.lr if args.lr else 0.0
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        return lr_scheduler.LambdaLR(optimizer, factor), True
+    raise ValueError(f"unknown --lr-schedule {name!r}; choose from {', '.join(LR_SCHEDULES)}")
+
+
+def current_lr(optimizer) -> float:
+    return optimizer.param_groups[0]["lr"]
+
+
+def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, scheduler=None, scaler=None,
+                    amp_dtype=None, memory_format=torch.contiguous_format, on_step=None) -> float:
+    """One pass over ``loader``; returns the mean training loss.
+
+    ``scheduler`` is stepped after every optimizer step (per-iteration schedules only).
+    ``on_step(iteration, loss, lr)`` is called after each step and may raise StopRequested.
+    """
+    model.train()
+    total, count = 0.0, 0
+    for i, (images, masks) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        inputs = normalize_batch(images).contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(inputs)
+        loss = criterion(logits, masks)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss became {value} at epoch {epoch}, iteration {i + 1}; "
+                                "try a lower --lr or --amp off")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        lr = current_lr(optimizer)
+        if scheduler is not None:
+            scheduler.step()
+        total += value * len(images)
+        count += len(images)
+        if on_step is not None:
+            on_step(i + 1, value, lr)
+    return total / max(count, 1)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a truncated file under ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class CheckpointSaver:
+    """Plain state dicts as checkpoints/model_NNN.pth (every ``interval`` epochs, ``max_keep`` newest kept,
+    -1 = all), model_NNN_best.pth (best ``metric``) and model_NNN_last.pth."""
+
+    def __init__(self, directory: Path, interval: int, max_keep: int, metric: str, save_best: bool, save_last: bool):
+        self.directory = Path(directory)
+        self.interval, self.max_keep = interval, max_keep
+        self.metric, self.save_best, self.save_last = metric, save_best, save_last
+        self.higher_is_better = metric != "val_loss"
+        self.kept: list[str] = []
+        self.best_value: float | None = None
+        self.best_path: str | None = None
+
+    def _save(self, model, name: str) -> Path:
+        path = self.directory / name
+        atomic_torch_save(model.state_dict(), path)
+        return path
+
+    def on_epoch_end(self, model, epoch: int, metrics: dict | None) -> None:
+        if self.interval > 0 and epoch % self.interval == 0:
+            self.kept.append(self._save(model, f"model_{epoch:03d}.pth").name)
+            while self.max_keep >= 0 and len(self.kept) > self.max_keep:
+                (self.directory / self.kept.pop(0)).unlink(missing_ok=True)
+        if self.save_best and metrics is not None and self.metric in metrics:
+            value = metrics[self.metric]
+            better = (self.best_value is None or
+                      (value > self.best_value if self.higher_is_better else value < self.best_value))
+            if not math.isnan(value) and better:
+                previous = self.best_path
+                self.best_path = self._save(model, f"model_{epoch:03d}_best.pth").name
+                self.best_value = value
+                if previous and previous != self.best_path:
+                    (self.directory / previous).unlink(missing_ok=True)
+
+    def on_train_end(self, model, epoch: int) -> Path | None:
+        if not self.save_last:
+            return None
+        for old in self.directory.glob("model_*_last.pth"):
+            old.unlink()
+        return self._save(model, f"model_{epoch:03d}_last.pth")
+
+    def state_dict(self) -> dict:
+        return {"kept": list(self.kept), "best_value": self.best_value, "best_path": self.best_path}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kept = list(state["kept"])
+        self.best_value, self.best_path = state["best_value"], state["best_path"]

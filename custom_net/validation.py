@@ -1,0 +1,74 @@
+"""Validation metrics from a confusion matrix counted on the device."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from custom_net.preprocessing import normalize_batch
+
+
+class ConfusionMatrix:
+    """Rows are ground truth, columns predictions; counted with one bincount per batch."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        self.num_classes = num_classes
+        self.matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+
+    def update(self, target: torch.Tensor, prediction: torch.Tensor) -> None:
+        n = self.num_classes
+        valid = (target >= 0) & (target < n)
+        indices = n * target[valid].to(torch.int64) + prediction[valid].to(torch.int64)
+        self.matrix += torch.bincount(indices, minlength=n * n).reshape(n, n)
+
+    def metrics(self, class_names: list[str], background_index: int | None = 0) -> dict:
+        """Per-class IoU / Dice and their means over all and over foreground classes.
+
+        A class absent from both ground truth and prediction has undefined IoU (NaN in the
+        per-class lists) and is left out of the means.
+        """
+        m = self.matrix.double().cpu()
+        tp = m.diag()
+        fp = m.sum(0) - tp
+        fn = m.sum(1) - tp
+        iou = tp / (tp + fp + fn)
+        dice = 2 * tp / (2 * tp + fp + fn)
+        foreground = [i for i in range(self.num_classes) if i != background_index]
+
+        def mean(values, indices):
+            picked = [values[i].item() for i in indices if not math.isnan(values[i].item())]
+            return sum(picked) / len(picked) if picked else float("nan")
+
+        total = m.sum().item()
+        return {
+            "pixel_accuracy": tp.sum().item() / total if total else float("nan"),
+            "mean_iou": mean(iou, range(self.num_classes)),
+            "mean_fg_iou": mean(iou, foreground),
+            "mean_dice": mean(dice, range(self.num_classes)),
+            "mean_fg_dice": mean(dice, foreground),
+            "iou": dict(zip(class_names, iou.tolist())),
+            "dice": dict(zip(class_names, dice.tolist())),
+        }
+
+
+@torch.inference_mode()
+def evaluate(model, criterion, loader, device, class_names, amp_dtype=None, memory_format=torch.contiguous_format,
+             progress=None) -> dict:
+    """Validation loss and metrics of ``model`` over ``loader`` (batches of uint8 images, index masks)."""
+    model.eval()
+    matrix = ConfusionMatrix(len(class_names), device)
+    loss_sum, count = 0.0, 0
+    for i, (images, masks) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        inputs = normalize_batch(images).contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(inputs)
+        loss_sum += criterion(logits, masks).item() * len(images)
+        count += len(images)
+        matrix.update(masks, logits.argmax(1))
+        if progress is not None:
+            progress(i + 1, len(loader))
+    result = matrix.metrics(class_names)
+    result["val_loss"] = loss_sum / max(count, 1)
+    return result
