@@ -88,11 +88,29 @@ def augment(augmenter: iaa.Augmenter, image: np.ndarray, mask: np.ndarray, seed:
     Output keeps the input size: geometric augmenters that change it (crop without
     keep_size) are followed by a resize, nearest-neighbour for the mask.
     """
-    augmenter.seed_(seed)
+    _seed(augmenter, seed)
     out_image, out_mask = imgaug_utils.apply_to_image_and_mask(augmenter, image, mask)
     height, width = mask.shape
     out_mask = out_mask.astype(np.uint8)
     return resize_image(out_image, height, width), resize_mask(out_mask, height, width)
+
+
+def _seed(augmenter: iaa.Augmenter, seed: int) -> None:
+    """``augmenter.seed_(seed)`` plus the generators it misses.
+
+    seed_ seeds the members of a child list but not the list itself when that list is an augmenter
+    of its own: the Sequential inside MultiplyAndAddToBrightness (in every shipped template) would
+    draw its random_order from a generator that carries over between calls.
+    """
+    augmenter.seed_(seed)
+    root = imgaug.random.RNG(seed)
+    stack = [augmenter]
+    while stack:
+        aug = stack.pop()
+        for children in aug.get_children_lists():
+            if isinstance(children, iaa.Augmenter) and children is not aug:
+                children.random_state = root.derive_rng_()
+            stack.extend(children)
 
 
 def seed_global(seed: int) -> None:

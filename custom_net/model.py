@@ -25,11 +25,13 @@ class EncoderWeightsMissing(FileNotFoundError):
     """ImageNet weights were asked for but are neither in the torch cache nor at the given path."""
 
 
-def load_imagenet_weights(module: nn.Module, weights_enum, weights_path: str | os.PathLike | None = None):
+def load_imagenet_weights(module: nn.Module, weights_enum, weights_path: str | os.PathLike | None = None,
+                          prefix: str = ""):
     """Load torchvision ImageNet weights into ``module`` without touching the network.
 
     Looks at ``weights_path`` if given, else in the torch hub cache where
-    ``torchvision`` would have downloaded them.
+    ``torchvision`` would have downloaded them. With ``prefix``, only the entries under
+    it are loaded (the VGG feature layers, without the classifier).
     """
     file_name = os.path.basename(weights_enum.url)
     path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / file_name
@@ -40,6 +42,8 @@ def load_imagenet_weights(module: nn.Module, weights_enum, weights_path: str | o
             f"(or pass its path with --encoder-weights), or train from scratch with --encoder-weights none."
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     module.load_state_dict(state)
 
 
@@ -129,16 +133,18 @@ class _VGGUNet(nn.Module):
     """UNet with a VGG encoder (TernausNet). ``stages`` lists the VGG feature indices of each conv stage."""
 
     vgg_name = ""
+    vgg_config = ""  # torchvision's layer configuration letter of that VGG
     stages: tuple = ()
     decoder_widths: tuple = ()
 
     def __init__(self, num_classes: int, encoder_weights=None, base: int = 32):
         super().__init__()
-        vgg = getattr(torchvision.models, self.vgg_name)(weights=None)
+        # Only the conv features: building the whole VGG would initialise a 100M-parameter classifier.
+        self.encoder = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs[self.vgg_config])
         if encoder_weights:
             weights_enum = torchvision.models.get_model_weights(self.vgg_name).IMAGENET1K_V1
-            load_imagenet_weights(vgg, weights_enum, None if encoder_weights == "imagenet" else encoder_weights)
-        self.encoder = vgg.features
+            load_imagenet_weights(self.encoder, weights_enum, None if encoder_weights == "imagenet" else encoder_weights,
+                                  prefix="features.")
         self.relu = nn.ReLU(inplace=True)
         for i, indices in enumerate(self.stages, start=1):
             layers = []
@@ -169,6 +175,7 @@ class UNet11(_VGGUNet):
     """TernausNet UNet with a VGG11 encoder."""
 
     vgg_name = "vgg11"
+    vgg_config = "A"
     stages = ((0,), (3,), (6, 8), (11, 13), (16, 18))
     decoder_widths = ((512, 512, 256), (768, 512, 256), (768, 512, 128), (384, 256, 64), (192, 128, 32))
 
@@ -177,6 +184,7 @@ class UNet16(_VGGUNet):
     """TernausNet UNet with a VGG16 encoder."""
 
     vgg_name = "vgg16"
+    vgg_config = "D"
     stages = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
     decoder_widths = ((512, 512, 256), (768, 512, 256), (768, 512, 256), (512, 256, 64), (192, 128, 32))
 

@@ -64,10 +64,25 @@ def open_project(project_dir: str | os.PathLike) -> sly.Project:
     try:
         project = sly.Project(str(_sdk_safe_path(path)), sly.OpenMode.READ)
     except Exception as e:  # the SDK raises RuntimeError / KeyError / FileNotFoundError
+        _check_datasets_read(path, [])
         raise DataError(f"cannot open project {path}: {e}") from None
+    _check_datasets_read(path, project.datasets)
     if project.total_items == 0:
         raise DataError(f"project {path} has no images")
     return project
+
+
+def _check_datasets_read(path: Path, datasets) -> None:
+    """The SDK skips a dataset folder it cannot read (e.g. an image without annotation) with only a
+    log warning: training would silently lose its items. Raise the SDK's reason instead."""
+    read = {Path(ds.directory).resolve() for ds in datasets}
+    for img_dir in sorted(path.rglob("img")):
+        ds_dir = img_dir.parent
+        if img_dir.is_dir() and ds_dir.resolve() not in read:
+            try:
+                sly.Dataset(str(ds_dir), sly.OpenMode.READ)
+            except Exception as e:
+                raise DataError(f"dataset folder {ds_dir} cannot be read: {e}") from None
 
 
 def _sdk_safe_path(path: Path) -> Path:
@@ -169,7 +184,9 @@ def load_item(item: Item, meta: sly.ProjectMeta, class_to_index: dict[str, int],
     """Full-size RGB image and class-index mask of one item, checked against each other."""
     try:
         image = read_image_rgb(item.image_path)
-    except (ImageReadError, OSError) as e:
+    except ImageReadError as e:  # its message names the file
+        raise DataError(f"image {e}") from None
+    except OSError as e:
         raise DataError(f"image {item.image_path}: {e}") from None
     ann = load_annotation(item, meta)
     if tuple(ann.img_size) != image.shape[:2]:
@@ -217,6 +234,7 @@ class PreparedData:
                 else:
                     self.pixel_counts += counts[: len(class_names)]
         if errors:
+            self.close()
             shown = "\n  ".join(errors[:20])
             more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
             raise DataError(f"{len(errors)} item(s) cannot be used:\n  {shown}{more}")

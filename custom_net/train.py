@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import random
 import signal
 import sys
@@ -216,7 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         run_args = Path(first.resume) / "checkpoints" / "train_args.json"
         if not run_args.is_file():
             raise ArgsError(f"--resume: {first.resume} is not a run folder ({run_args} is missing)")
-        parser.set_defaults(**_load_json_defaults(parser, str(run_args)), output=str(first.resume))
+        # train_args.json records "output" too: override it, not pass it twice (a TypeError).
+        parser.set_defaults(**{**_load_json_defaults(parser, str(run_args)), "output": str(first.resume)})
     elif first.train_args:
         parser.set_defaults(**_load_json_defaults(parser, first.train_args))
     elif first.demo:
@@ -284,8 +286,11 @@ def _load_custom_weights(model, path: str, report) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ArgsError(f"--custom-weights: {path} not found") from None
-    except Exception as e:
-        raise ArgsError(f"--custom-weights: {path} is not a PyTorch state dict ({e})") from None
+    except Exception as e:  # torch's unpickling message advises weights_only=False: wrong for a bad file
+        reason = "" if isinstance(e, pickle.UnpicklingError) else f" ({e})"
+        raise ArgsError(f"--custom-weights: {path} is not a PyTorch state dict{reason}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ArgsError(f"--custom-weights: {path} is not a PyTorch state dict (a dict of tensors)")
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     if unexpected:
@@ -373,7 +378,11 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
 
     started = time.time()
     train_data = data.PreparedData(train_items, project.meta, class_names, args.input_height, args.input_width, args.cache_dir)
-    val_data = data.PreparedData(val_items, project.meta, class_names, args.input_height, args.input_width, args.cache_dir)
+    try:
+        val_data = data.PreparedData(val_items, project.meta, class_names, args.input_height, args.input_width, args.cache_dir)
+    except data.DataError:
+        train_data.close()  # its cache would stay on disk as long as the traceback lives
+        raise
     skipped = train_data.skipped_geometries + val_data.skipped_geometries
     if skipped:
         report("warning", "labels without area were skipped: " + ", ".join(f"{k} x{v}" for k, v in sorted(skipped.items())))
@@ -435,6 +444,8 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
             scaler.load_state_dict(state["scaler"])
         saver.load_state_dict(state["saver"])
         history = state["history"]
+        # A run that died after logging an epoch but before saving its resume state would log that epoch twice.
+        (info / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
         torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"] + 1
         report("info", f"resuming {output} at epoch {start_epoch} of {args.epochs}")
@@ -496,13 +507,17 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
                                    "saver": saver.state_dict(), "history": history, "epoch": epoch,
                                    "torch_rng": torch.get_rng_state()}, checkpoints / RESUME_STATE)
                 reporter.epoch_end(epoch, record)
+                if reporter.should_stop() and epoch < args.epochs:  # asked during validation / saving: stop
+                    raise StopRequested()                           # here, not after a step of the next epoch
         except StopRequested:
             status = "stopped"
             report("info", f"stop requested during epoch {epoch}: saving the current weights as the last checkpoint")
         except NonFiniteLoss as e:
             status = "failed"
             report("error", f"{e}. Checkpoints saved so far are kept in {checkpoints}")
-            reporter.finish(_summary(args, history, saver, status, epoch, output, started))
+            summary = _summary(args, history, saver, status, epoch, output, started)
+            atomic_write_json(info / "summary.json", summary)  # else a resumed run's old summary would stay
+            reporter.finish(summary)
             raise
 
     last = saver.on_train_end(model, epoch if status == "finished" else max(epoch, 1))

@@ -1,0 +1,128 @@
+"""Every registered architecture: shapes, gradients, the original app's checkpoint layout, encoder weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from custom_net.model import EncoderWeightsMissing
+from custom_net.train import ArgsError, build_model, model_list
+from tests.conftest import shared_path
+
+ARCHITECTURES = sorted(model_list)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return json.loads(shared_path("reference", "original_state_dicts.json").read_text())
+
+
+def test_registry_entries_are_complete():
+    for name, entry in model_list.items():
+        assert {"class", "description", "pretrained_encoder"} <= entry.keys(), name
+        assert entry["description"]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_forward_backward_64(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    logits = model(x)
+    assert logits.shape == (2, 4, 64, 64)
+    logits.logsumexp(1).mean().backward()
+    # The ResNet classifier (encoder.fc) is kept for checkpoint compatibility but never used.
+    grads = [p.grad for n, p in model.named_parameters() if not n.startswith("encoder.fc.")]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("size", [(96, 64), (50, 70)])
+def test_any_input_size_gives_same_size_output(name, size):
+    model = build_model(name, num_classes=2).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 3, *size)).shape == (1, 2, *size)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_original_checkpoint_loads_strictly(name, reference):
+    """A state dict with the original app's keys and shapes (num_classes=3) loads strictly, in the same order."""
+    if name not in reference["models"]:
+        pytest.skip(f"{name} is not an architecture of the original app")
+    expected = reference["models"][name]
+    model = build_model(name, num_classes=reference["num_classes"])
+    ours = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    assert ours == [(k, s) for k, s in expected["state_dict"]]
+    assert sum(p.numel() for p in model.parameters()) == expected["parameters"]
+
+    # Layers registered twice (encoder.N and convN.M) share storage, in the original as here.
+    torch.manual_seed(1)
+    by_storage = {}
+    original = {}
+    for key, value in model.state_dict().items():
+        if value.data_ptr() not in by_storage:
+            by_storage[value.data_ptr()] = torch.randn(value.shape) if value.dim() else torch.tensor(7)
+        original[key] = by_storage[value.data_ptr()]
+    model.load_state_dict(original, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key].to(value.dtype)), key
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_checkpoint_round_trip(name, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3).eval()
+    path = tmp_path / "model_001.pth"
+    torch.save(model.state_dict(), path)
+    restored = build_model(name, num_classes=3).eval()
+    restored.load_state_dict(torch.load(path))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(model(x), restored(x))
+
+
+def _pretrained(name):
+    return [n for n in ARCHITECTURES if model_list[n]["pretrained_encoder"]]
+
+
+@pytest.mark.parametrize("name", _pretrained(None))
+def test_missing_imagenet_weights_explain_what_to_do(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(EncoderWeightsMissing) as err:
+        build_model(name, num_classes=2, encoder_weights="imagenet")
+    message = str(err.value)
+    assert "download.pytorch.org" in message and str(tmp_path) in message and "--encoder-weights" in message
+
+
+@pytest.mark.parametrize("name", ["UNet11", "LinkNet34"])
+def test_encoder_weights_from_cache_and_from_file(name, tmp_path, monkeypatch):
+    """Weights are read from the torch cache (as torchvision names them) or from an explicit file."""
+    encoder = model_list[name]["pretrained_encoder"]
+    weights = torchvision.models.get_model_weights(encoder).IMAGENET1K_V1
+    torch.manual_seed(3)
+    source = getattr(torchvision.models, encoder)(weights=None).state_dict()
+    cache = tmp_path / "checkpoints"
+    cache.mkdir()
+    torch.save(source, cache / weights.url.rsplit("/", 1)[1])
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    first_conv = "features.0.weight" if encoder.startswith("vgg") else "conv1.weight"
+    from_cache = build_model(name, num_classes=2, encoder_weights="imagenet")
+    from_file = build_model(name, num_classes=2, encoder_weights=str(cache / weights.url.rsplit("/", 1)[1]))
+    for model in (from_cache, from_file):
+        conv = model.encoder[0].weight if encoder.startswith("vgg") else model.firstconv.weight
+        assert torch.equal(conv, source[first_conv])
+
+
+def test_unet_refuses_encoder_weights():
+    with pytest.raises(ArgsError, match="no pretrained encoder"):
+        build_model("UNet", num_classes=2, encoder_weights="imagenet")
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ArgsError) as err:
+        build_model("UNet99", num_classes=2)
+    assert all(name in str(err.value) for name in model_list)
