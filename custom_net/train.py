@@ -259,6 +259,17 @@ def _resolve_encoder_weights(args) -> str:
     return "none"
 
 
+def _make_paths_absolute(args) -> None:
+    """train_args.json must repeat the run from any working directory."""
+    for name in ("project_dir", "train_set", "val_set", "custom_weights", "cache_dir", "output"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
+    if args.sly_augs_path and args.sly_augs_path not in augs.list_templates():
+        args.sly_augs_path = str(Path(args.sly_augs_path).expanduser().resolve())
+    if args.encoder_weights not in ("none", "imagenet"):
+        args.encoder_weights = str(Path(args.encoder_weights).expanduser().resolve())
+
+
 def _free_output_dir(path: Path) -> Path:
     """``path`` if free or empty, else the first free ``path_NNN`` (as the platform names folders)."""
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
@@ -364,8 +375,8 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
     train_items, val_items = _make_splits(args, project, items)
     augs_config = augs.load_augs_config(args.sly_augs_path) if args.sly_augs_path else None
     args.encoder_weights = _resolve_encoder_weights(args)
-    device = select_device("cuda:0" if args.gpu_id == "auto" and torch.cuda.is_available()
-                           else "cpu" if args.gpu_id == "auto" else args.gpu_id)
+    _make_paths_absolute(args)
+    device = select_device(args.gpu_id)
     amp_dtype = resolve_amp(args.amp, device)
     seed_everything(args.seed)
     model = build_model(args.model, len(model_classes), args.encoder_weights)

@@ -34,8 +34,10 @@ def seed_everything(seed: int) -> None:
 
 
 def select_device(gpu_id: str) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or 'N'. A missing GPU means the CPU, with a warning, never a refusal."""
+    """'auto', 'cpu', 'cuda', 'cuda:N' or 'N'. A missing GPU means the CPU, with a warning, never a refusal."""
     text = str(gpu_id).strip().lower()
+    if text == "auto":
+        text = "cuda:0" if torch.cuda.is_available() else "cpu"
     if text.isdigit():
         text = f"cuda:{text}"
     if text == "cpu":

@@ -1,0 +1,137 @@
+"""Units of the training loop: metrics, losses, schedules, checkpoint saving, device choice."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from custom_net.loss import CEDiceLoss, JaccardNLLLoss, build_loss
+from custom_net.train import build_parser
+from custom_net.utils import CheckpointSaver, build_scheduler, resolve_amp, select_device
+from custom_net.validation import ConfusionMatrix
+
+
+def test_confusion_matrix_metrics_on_known_masks():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 0]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 2, 0, 0]])
+    cm = ConfusionMatrix(4)
+    cm.update(target, pred)
+    assert cm.matrix.tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
+    m = cm.metrics(["__bg__", "a", "b", "never"])
+    # IoU: bg 2/(3+3-2)=0.5, a 2/3, b 2/3; class 3 absent everywhere -> NaN, left out of the means.
+    assert m["iou"]["__bg__"] == pytest.approx(0.5)
+    assert m["iou"]["a"] == pytest.approx(2 / 3) and m["iou"]["b"] == pytest.approx(2 / 3)
+    assert math.isnan(m["iou"]["never"])
+    assert m["mean_fg_iou"] == pytest.approx(2 / 3)
+    assert m["mean_iou"] == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
+    assert m["dice"]["a"] == pytest.approx(0.8)
+    assert m["mean_fg_dice"] == pytest.approx(0.8)
+    assert m["pixel_accuracy"] == pytest.approx(6 / 8)
+
+
+def test_confusion_matrix_accumulates_and_ignores_out_of_range():
+    cm = ConfusionMatrix(2)
+    cm.update(torch.tensor([0, 1, 255]), torch.tensor([0, 1, 1]))
+    cm.update(torch.tensor([1]), torch.tensor([0]))
+    assert cm.matrix.tolist() == [[1, 0], [1, 1]]
+
+
+def test_jaccard_nll_matches_the_original_formula():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    w = 0.3
+    log_probs = F.log_softmax(logits, 1)
+    expected = (1 - w) * F.nll_loss(log_probs, target)
+    for c in range(3):  # the original app's per-class loop
+        t, o = (target == c).float(), log_probs[:, c].exp()
+        inter = (o * t).sum()
+        expected -= w * torch.log((inter + 1e-15) / (o.sum() + t.sum() - inter + 1e-15))
+    assert JaccardNLLLoss(3, w)(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_losses_reward_correct_predictions_and_validate_weights():
+    target = torch.randint(0, 3, (1, 16, 16))
+    perfect = F.one_hot(target, 3).permute(0, 3, 1, 2).float() * 20
+    wrong = F.one_hot((target + 1) % 3, 3).permute(0, 3, 1, 2).float() * 20
+    for loss in (JaccardNLLLoss(3, 0.5), CEDiceLoss(3, 0.5)):
+        assert loss(perfect, target) < loss(wrong, target)
+    with pytest.raises(ValueError, match="--class-weights has 2 values for 3 classes"):
+        build_loss("ce_dice", 3, 0.5, [1.0, 2.0])
+    with pytest.raises(ValueError, match="jaccard_nll"):
+        build_loss("focal", 3, 0.5)
+
+
+def _schedule_args(**overrides):
+    args = build_parser().parse_args(["--project-dir", "x", *overrides.pop("argv", [])])
+    return args
+
+
+def _lrs(args, iters=4):
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    sched, per_iter = build_scheduler(args, opt, iters)
+    lrs = []
+    for _ in range(args.epochs):
+        for _ in range(iters):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if per_iter:
+                sched.step()
+        if sched is not None and not per_iter:
+            sched.step()
+    return lrs
+
+
+def test_cosine_warms_up_then_decays_to_min_lr():
+    args = _schedule_args(argv=["--lr", "0.1", "--epochs", "5", "--warmup-epochs", "1", "--min-lr", "0.001"])
+    lrs = _lrs(args)
+    assert lrs[0] < lrs[1] < lrs[2] < lrs[3] <= 0.1  # linear warmup over the first epoch
+    assert lrs[4] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # then monotone decay
+    assert 0.001 <= lrs[-1] < 0.005  # one step short of --min-lr
+
+
+def test_epoch_schedules_step_after_each_epoch():
+    args = _schedule_args(argv=["--lr", "1", "--epochs", "4", "--lr-schedule", "MultiStepLR", "--milestones", "2", "3",
+                                "--gamma-step", "0.5"])
+    assert args.milestones == [2, 3]
+    lrs = _lrs(args, iters=2)
+    assert lrs == [1, 1, 1, 1, 0.5, 0.5, 0.25, 0.25]  # epoch 1 trains at the initial LR
+    args = _schedule_args(argv=["--lr", "1", "--epochs", "3", "--lr-schedule", "StepLR", "--step-size", "1"])
+    assert _lrs(args, iters=1) == pytest.approx([1, 0.1, 0.01])
+
+
+def test_checkpoint_saver_keeps_newest_and_best(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    saver = CheckpointSaver(tmp_path, interval=1, max_keep=2, metric="val_loss", save_best=True, save_last=True)
+    for epoch, loss in enumerate([0.9, 0.5, 0.7, 0.6], start=1):
+        saver.on_epoch_end(model, epoch, {"val_loss": loss})
+    saver.on_train_end(model, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model_002_best.pth", "model_003.pth", "model_004.pth", "model_004_last.pth"]
+    assert set(torch.load(tmp_path / "model_002_best.pth")) == {"weight", "bias"}  # a plain state dict
+
+
+def test_device_choice_never_refuses_without_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device("auto").type == "cpu"
+    assert select_device("cpu").type == "cpu"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert select_device("cuda:0").type == "cpu"
+    assert any("no CUDA device" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="--gpu-id"):
+        select_device("tpu")
+
+
+def test_amp_modes():
+    cpu = torch.device("cpu")
+    assert resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    assert resolve_amp("fp16", cpu) is torch.float16
+    assert resolve_amp("auto", cpu) in (torch.bfloat16, None)
+    with pytest.raises(ValueError, match="--amp"):
+        resolve_amp("int8", cpu)
