@@ -120,6 +120,16 @@ def current_lr(optimizer) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
+def forward_batch(model, images, masks, device, amp_dtype=None, memory_format=torch.contiguous_format):
+    """Move a (uint8 images, index masks) batch to ``device``, normalise there, run the model.
+    Returns (logits, masks on the device)."""
+    images = images.to(device, non_blocking=True)
+    masks = masks.to(device, non_blocking=True)
+    inputs = normalize_batch(images).contiguous(memory_format=memory_format)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return model(inputs), masks
+
+
 def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, scheduler=None, scaler=None,
                     amp_dtype=None, memory_format=torch.contiguous_format, on_step=None) -> float:
     """One pass over ``loader``; returns the mean training loss.
@@ -130,11 +140,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, 
     model.train()
     total, count = 0.0, 0
     for i, (images, masks) in enumerate(loader):
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        inputs = normalize_batch(images).contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(inputs)
+        logits, masks = forward_batch(model, images, masks, device, amp_dtype, memory_format)
         loss = criterion(logits, masks)
         value = loss.item()
         if not math.isfinite(value):

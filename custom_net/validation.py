@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from custom_net.preprocessing import normalize_batch
+from custom_net.utils import forward_batch
 
 
 class ConfusionMatrix:
@@ -59,11 +59,7 @@ def evaluate(model, criterion, loader, device, class_names, amp_dtype=None, memo
     matrix = ConfusionMatrix(len(class_names), device)
     loss_sum, count = 0.0, 0
     for i, (images, masks) in enumerate(loader):
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        inputs = normalize_batch(images).contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(inputs)
+        logits, masks = forward_batch(model, images, masks, device, amp_dtype, memory_format)
         loss_sum += criterion(logits, masks).item() * len(images)
         count += len(images)
         matrix.update(masks, logits.argmax(1))
