@@ -531,8 +531,9 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
             reporter.finish(summary)
             raise
 
-    last = saver.on_train_end(model, epoch if status == "finished" else max(epoch, 1))
-    save_charts(history, info / "charts", class_names) if history else None
+    last = saver.on_train_end(model, max(epoch, 1))  # a stop in epoch 1 still leaves model_001_last.pth
+    if history:
+        save_charts(history, info / "charts", class_names)
     summary = _summary(args, history, saver, status, epoch, output, started, last)
     atomic_write_json(info / "summary.json", summary)
     reporter.finish(summary)
