@@ -394,15 +394,14 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
     except data.DataError:
         train_data.close()  # its cache would stay on disk as long as the traceback lives
         raise
-    skipped = train_data.skipped_geometries + val_data.skipped_geometries
-    if skipped:
-        report("warning", "labels without area were skipped: " + ", ".join(f"{k} x{v}" for k, v in sorted(skipped.items())))
-    unlabelled = [name for name, n in zip(class_names[1:], (train_data.pixel_counts + val_data.pixel_counts)[1:]) if n == 0]
-    if unlabelled:
-        train_data.close(), val_data.close()
-        raise data.DataError(f"class(es) {', '.join(map(repr, unlabelled))} have no labelled pixels in the "
-                             "training or validation items; label them or leave them out of --classes")
     try:
+        skipped = train_data.skipped_geometries + val_data.skipped_geometries
+        if skipped:
+            report("warning", "labels without area were skipped: " + ", ".join(f"{k} x{v}" for k, v in sorted(skipped.items())))
+        unlabelled = [name for name, n in zip(class_names[1:], (train_data.pixel_counts + val_data.pixel_counts)[1:]) if n == 0]
+        if unlabelled:
+            raise data.DataError(f"class(es) {', '.join(map(repr, unlabelled))} have no labelled pixels in the "
+                                 "training or validation items; label them or leave them out of --classes")
         return _run(args, reporter, ui_state, project, model_classes, train_data, val_data, augs_config,
                     model, criterion, device, amp_dtype, started)
     finally:
@@ -524,17 +523,18 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
             status = "stopped"
             report("info", f"stop requested during epoch {epoch}: saving the current weights as the last checkpoint")
         except NonFiniteLoss as e:
-            status = "failed"
             report("error", f"{e}. Checkpoints saved so far are kept in {checkpoints}")
-            summary = _summary(args, history, saver, status, epoch, output, started)
-            atomic_write_json(info / "summary.json", summary)  # else a resumed run's old summary would stay
-            reporter.finish(summary)
+            # Written on failure too, else a resumed run's old summary would stay.
+            _write_summary(reporter, info, _summary(args, history, saver, "failed", epoch, output, started))
             raise
 
     last = saver.on_train_end(model, max(epoch, 1))  # a stop in epoch 1 still leaves model_001_last.pth
     if history:
         save_charts(history, info / "charts", class_names)
-    summary = _summary(args, history, saver, status, epoch, output, started, last)
+    return _write_summary(reporter, info, _summary(args, history, saver, status, epoch, output, started, last))
+
+
+def _write_summary(reporter, info: Path, summary: dict) -> dict:
     atomic_write_json(info / "summary.json", summary)
     reporter.finish(summary)
     return summary
