@@ -1,12 +1,67 @@
-"""Prediction on whole images and conversion to Supervisely annotations."""
+"""Loading a trained run, prediction (whole image or sliding window) and conversion to Supervisely annotations."""
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import supervisely as sly
 import torch
 import torch.nn.functional as F
 
+from custom_net.model import build_model
 from custom_net.preprocessing import normalize_batch, resize_image
+
+INFERENCE_MODES = ("whole", "sliding")
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint with what its run folder says about it: everything needed to predict."""
+    model: torch.nn.Module
+    model_name: str
+    model_classes: list[sly.ObjClass]
+    input_height: int
+    input_width: int
+    checkpoint: Path
+
+
+def read_run_info(checkpoint: str | Path) -> tuple[dict, list[sly.ObjClass]]:
+    """``info/ui_state.json`` and ``info/model_classes.json`` of the run folder holding ``checkpoints/<ckpt>``."""
+    checkpoint = Path(checkpoint)
+    info = checkpoint.resolve().parent.parent / "info"
+    try:
+        ui_state = json.loads((info / "ui_state.json").read_text())
+        classes = json.loads((info / "model_classes.json").read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{checkpoint}: the run folder has no {e.filename}; a checkpoint must sit in "
+                                "<run>/checkpoints/ beside <run>/info/ as training writes it") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{info}: broken JSON ({e})") from None
+    for key in ("selectedModel", "imgSize"):
+        if key not in ui_state:
+            raise ValueError(f"{info / 'ui_state.json'}: missing {key!r}")
+    return ui_state, [sly.ObjClass.from_json(c) for c in classes]
+
+
+def load_trained_model(checkpoint: str | Path, device=torch.device("cpu")) -> TrainedModel:
+    """Build the architecture named in the run folder and load the plain state dict strictly.
+
+    Works for this project's runs and the original app's (same tree, same state-dict layout).
+    """
+    ui_state, model_classes = read_run_info(checkpoint)
+    model = build_model(ui_state["selectedModel"], len(model_classes), "none")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise ValueError(f"{checkpoint}: cannot load into {ui_state['selectedModel']} "
+                         f"with {len(model_classes)} classes ({e})") from None
+    model.to(device).eval()
+    size = ui_state["imgSize"]
+    return TrainedModel(model, ui_state["selectedModel"], model_classes, int(size["height"]), int(size["width"]),
+                        Path(checkpoint))
 
 
 @torch.inference_mode()
@@ -22,19 +77,78 @@ def predict_probabilities(model, images: np.ndarray | torch.Tensor, device, amp_
     return logits.float().softmax(dim=1)
 
 
-@torch.inference_mode()
-def inference(model, image: np.ndarray, input_height: int, input_width: int, device=torch.device("cpu"),
-              amp_dtype=None) -> np.ndarray:
-    """Class-index mask (H, W) uint8 for an RGB image of any size.
+def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]  # the last tile ends flush with the border
 
-    The image is resized to the training size, as in training; probabilities are resized
-    back bilinearly before the argmax, which gives smoother edges than resizing indices.
+
+def _blend_window(height: int, width: int, device) -> torch.Tensor:
+    """Weights that fall towards tile borders (never to 0), so overlapping tiles blend without seams."""
+    def ramp(n):
+        x = torch.linspace(0, 1, n, device=device)
+        return (1 - (2 * x - 1).abs()).clamp_min(0.1)
+    return ramp(height)[:, None] * ramp(width)[None, :]
+
+
+@torch.inference_mode()
+def predict_sliding_window(model, image: np.ndarray, tile_height: int, tile_width: int, device,
+                           amp_dtype=None, overlap: float = 0.25, batch_size: int = 4) -> torch.Tensor:
+    """Probabilities (C, H, W) for an image larger than the training size, at full resolution.
+
+    Tiles of the training size cover the image with the given overlap; their probabilities are
+    blended with weights that favour tile centres. Images smaller than a tile are padded.
     """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     height, width = image.shape[:2]
-    resized = resize_image(image, input_height, input_width)
-    probs = predict_probabilities(model, resized[None], device, amp_dtype)
-    probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
-    return probs.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+    pad_h, pad_w = max(0, tile_height - height), max(0, tile_width - width)
+    if pad_h or pad_w:
+        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect" if min(height, width) > 1 else "edge")
+    full_h, full_w = image.shape[:2]
+    stride_h = max(1, int(tile_height * (1 - overlap)))
+    stride_w = max(1, int(tile_width * (1 - overlap)))
+    corners = [(y, x) for y in _tile_starts(full_h, tile_height, stride_h)
+               for x in _tile_starts(full_w, tile_width, stride_w)]
+    window = _blend_window(tile_height, tile_width, device)
+    total = None
+    weight = torch.zeros(full_h, full_w, device=device)
+    for first in range(0, len(corners), batch_size):
+        chunk = corners[first:first + batch_size]
+        tiles = np.stack([image[y:y + tile_height, x:x + tile_width] for y, x in chunk])
+        probs = predict_probabilities(model, tiles, device, amp_dtype)
+        if total is None:
+            total = torch.zeros(probs.shape[1], full_h, full_w, device=device)
+        for (y, x), tile_probs in zip(chunk, probs):
+            total[:, y:y + tile_height, x:x + tile_width] += tile_probs * window
+            weight[y:y + tile_height, x:x + tile_width] += window
+    return (total / weight)[:, :height, :width]
+
+
+@torch.inference_mode()
+def predict_image(model, image: np.ndarray, input_height: int, input_width: int, device=torch.device("cpu"),
+                  amp_dtype=None, mode: str = "whole", overlap: float = 0.25, batch_size: int = 4) -> torch.Tensor:
+    """Probabilities (C, H, W) at the image's own size.
+
+    ``whole``: the image is resized to the training size, as in training (and as the original
+    app served); probabilities are resized back bilinearly. ``sliding``: tiles of the training
+    size at full resolution, for images much larger than what the model was trained on.
+    """
+    if mode == "sliding":
+        return predict_sliding_window(model, image, input_height, input_width, device, amp_dtype, overlap, batch_size)
+    if mode != "whole":
+        raise ValueError(f"unknown inference mode {mode!r}; choose from {', '.join(INFERENCE_MODES)}")
+    height, width = image.shape[:2]
+    probs = predict_probabilities(model, resize_image(image, input_height, input_width)[None], device, amp_dtype)
+    return F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def inference(model, image: np.ndarray, input_height: int, input_width: int, device=torch.device("cpu"),
+              amp_dtype=None, mode: str = "whole", overlap: float = 0.25) -> np.ndarray:
+    """Class-index mask (H, W) uint8 for an RGB image of any size (see ``predict_image``)."""
+    probs = predict_image(model, image, input_height, input_width, device, amp_dtype, mode, overlap)
+    return probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 
 def convert_prediction_to_sly_format(mask: np.ndarray, model_classes: list[sly.ObjClass],

@@ -288,3 +288,27 @@ class LinkNet34(nn.Module):
         d = self.decoder1(d)
         out = self.finalrelu2(self.finalconv2(self.finalrelu1(self.finaldeconv1(d))))
         return _match(self.finalconv3(out), x)
+
+
+# The architecture registry: the CLI choices, the dashboard's model table and the tests all read it.
+# A new architecture = a class in model.py taking (num_classes, encoder_weights) + one entry here.
+model_list = {
+    "UNet": {"class": UNet, "description": "Classic UNet, trained from scratch", "pretrained_encoder": None},
+    "UNet11": {"class": UNet11, "description": "UNet with a VGG11 encoder (TernausNet)", "pretrained_encoder": "vgg11"},
+    "UNet16": {"class": UNet16, "description": "UNet with a VGG16 encoder (TernausNet)", "pretrained_encoder": "vgg16"},
+    "AlbuNet": {"class": AlbuNet, "description": "UNet with a ResNet34 encoder", "pretrained_encoder": "resnet34"},
+    "LinkNet34": {"class": LinkNet34, "description": "LinkNet with a ResNet34 encoder", "pretrained_encoder": "resnet34"},
+}
+
+
+class UnknownModelError(ValueError):
+    """A model name outside ``model_list`` or weights it cannot take; the message lists the choices."""
+
+
+def build_model(name: str, num_classes: int, encoder_weights: str | None = None) -> nn.Module:
+    if name not in model_list:
+        raise UnknownModelError(f"unknown model {name!r}; choose from {', '.join(model_list)}")
+    weights = None if encoder_weights in (None, "", "none") else encoder_weights
+    if weights and not model_list[name]["pretrained_encoder"]:
+        raise UnknownModelError(f"--encoder-weights: {name} has no pretrained encoder; use --encoder-weights none")
+    return model_list[name]["class"](num_classes=num_classes, encoder_weights=weights)

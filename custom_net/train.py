@@ -29,23 +29,13 @@ from torch.utils.data import DataLoader
 from custom_net import augs, sly_seg_dataset as data
 from custom_net.inference import predict_probabilities
 from custom_net.loss import LOSSES, build_loss
-from custom_net.model import AlbuNet, LinkNet34, UNet, UNet11, UNet16
+from custom_net.model import UnknownModelError, build_model, model_list
 from custom_net.reporting import ConsoleReporter, JsonLinesReporter, Reporter
 from custom_net.utils import (AMP_MODES, LR_SCHEDULES, OPTIMIZERS, CheckpointSaver, NonFiniteLoss, StopRequested,
                               atomic_torch_save, atomic_write_json, build_optimizer, build_scheduler, current_lr,
                               resolve_amp, seed_everything, select_device, train_one_epoch)
 from custom_net.validation import evaluate
 from custom_net.visualize import preview_panel, save_charts, save_png
-
-# The architecture registry: the CLI choices, the dashboard's model table and the tests all read it.
-# A new architecture = a class in model.py taking (num_classes, encoder_weights) + one entry here.
-model_list = {
-    "UNet": {"class": UNet, "description": "Classic UNet, trained from scratch", "pretrained_encoder": None},
-    "UNet11": {"class": UNet11, "description": "UNet with a VGG11 encoder (TernausNet)", "pretrained_encoder": "vgg11"},
-    "UNet16": {"class": UNet16, "description": "UNet with a VGG16 encoder (TernausNet)", "pretrained_encoder": "vgg16"},
-    "AlbuNet": {"class": AlbuNet, "description": "UNet with a ResNet34 encoder", "pretrained_encoder": "resnet34"},
-    "LinkNet34": {"class": LinkNet34, "description": "LinkNet with a ResNet34 encoder", "pretrained_encoder": "resnet34"},
-}
 
 BEST_METRICS = ("mean_fg_iou", "mean_iou", "mean_fg_dice", "mean_dice", "pixel_accuracy", "val_loss")
 SPLIT_METHODS = ("random", "datasets", "tags", "files")
@@ -65,15 +55,6 @@ class ArgsError(ValueError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # raise instead of sys.exit so main(argv) callers get an exception
         raise ArgsError(message)
-
-
-def build_model(name: str, num_classes: int, encoder_weights: str | None = None) -> torch.nn.Module:
-    if name not in model_list:
-        raise ArgsError(f"unknown model {name!r}; choose from {', '.join(model_list)}")
-    weights = None if encoder_weights in (None, "", "none") else encoder_weights
-    if weights and not model_list[name]["pretrained_encoder"]:
-        raise ArgsError(f"--encoder-weights: {name} has no pretrained encoder; use --encoder-weights none")
-    return model_list[name]["class"](num_classes=num_classes, encoder_weights=weights)
 
 
 def _positive_int(text):
@@ -571,7 +552,7 @@ def cli(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *_: f"[warning] {message}\n"
     try:
         summary = main(argv)
-    except (ArgsError, data.DataError, augs.AugsConfigError) as e:
+    except (ArgsError, UnknownModelError, data.DataError, augs.AugsConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss:

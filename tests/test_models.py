@@ -7,8 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from custom_net.model import EncoderWeightsMissing
-from custom_net.train import ArgsError, build_model, model_list
+from custom_net.model import EncoderWeightsMissing, UnknownModelError, build_model, model_list
 from tests.conftest import shared_path
 
 ARCHITECTURES = sorted(model_list)
@@ -118,11 +117,11 @@ def test_encoder_weights_from_cache_and_from_file(name, tmp_path, monkeypatch):
 
 
 def test_unet_refuses_encoder_weights():
-    with pytest.raises(ArgsError, match="no pretrained encoder"):
+    with pytest.raises(UnknownModelError, match="no pretrained encoder"):
         build_model("UNet", num_classes=2, encoder_weights="imagenet")
 
 
 def test_unknown_model_lists_choices():
-    with pytest.raises(ArgsError) as err:
+    with pytest.raises(UnknownModelError) as err:
         build_model("UNet99", num_classes=2)
     assert all(name in str(err.value) for name in model_list)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from tests.conftest import TINY_TRAIN_ARGS, run_cli
 from custom_net import augs, sly_seg_dataset as data
-from custom_net.inference import convert_prediction_to_sly_format, inference
+from custom_net.inference import convert_prediction_to_sly_format, inference, load_trained_model, predict_image
 from custom_net.loss import build_loss
 from custom_net.reporting import Reporter
 from custom_net.train import DEMO_DEFAULTS, ArgsError, build_model, main, parse_args
@@ -388,6 +388,40 @@ def test_inference_returns_mask_at_original_size():
     mask = inference(_colour_model(), image, 64, 64)
     assert mask.shape == (70, 100) and mask.dtype == np.uint8
     assert (mask[:, :25] == 1).all() and (mask[:, 35:65] == 0).all() and (mask[:, 75:] == 2).all()
+
+
+def test_sliding_window_covers_large_and_small_images():
+    model = _colour_model()
+    image = np.full((300, 410, 3), 128, np.uint8)  # not a multiple of the 64x64 tile
+    image[:, :100] = (255, 0, 0)
+    image[250:, 300:] = (0, 0, 255)
+    probs = predict_image(model, image, 64, 64, mode="sliding", overlap=0.5)
+    assert probs.shape == (len(CLASSES), 300, 410)
+    assert torch.allclose(probs.sum(0), torch.ones(300, 410), atol=1e-4)
+    mask = inference(model, image, 64, 64, mode="sliding")
+    assert (mask[:, :100] == 1).all() and (mask[:240, 110:] == 0).all() and (mask[250:, 300:] == 2).all()
+    # A pointwise model gives the same answer in sliding mode as on the full image at once.
+    full = predict_image(model, image, 300, 410, mode="whole")
+    assert torch.allclose(probs, full, atol=1e-5)
+    small = inference(model, image[:20, :30], 64, 64, mode="sliding")
+    assert small.shape == (20, 30) and (small == 1).all()
+    with pytest.raises(ValueError, match="sliding"):
+        inference(model, image, 64, 64, mode="tiles")
+    with pytest.raises(ValueError, match="overlap"):
+        inference(model, image, 64, 64, mode="sliding", overlap=1.0)
+
+
+def test_load_trained_model_from_run_folder(tmp_path, tiny_project):
+    out = tmp_path / "run"
+    main(TINY_TRAIN_ARGS + ["--project-dir", str(tiny_project), "--epochs", "1", "--output", str(out)])
+    best = next((out / "checkpoints").glob("model_*_best.pth"))
+    trained = load_trained_model(best)
+    assert trained.model_name == "UNet" and [c.name for c in trained.model_classes] == CLASSES
+    assert (trained.input_height, trained.input_width) == (64, 64)
+    assert not trained.model.training
+    (out / "info" / "ui_state.json").unlink()
+    with pytest.raises(FileNotFoundError, match="ui_state.json"):
+        load_trained_model(best)
 
 
 def test_prediction_to_sly_annotation_round_trips(tiny_project):
