@@ -67,4 +67,18 @@ def evaluate(model, criterion, loader, device, class_names, amp_dtype=None, memo
             progress(i + 1, len(loader))
     result = matrix.metrics(class_names)
     result["val_loss"] = loss_sum / max(count, 1)
+    result["collapsed_to"] = collapsed_class(matrix.matrix, class_names)
     return result
+
+
+def collapsed_class(matrix: torch.Tensor, class_names: list[str], share: float = 0.995) -> str | None:
+    """The class a model predicts (nearly) everywhere although the ground truth has others, else None."""
+    predicted = matrix.sum(0).double()
+    truth = matrix.sum(1).double()
+    total = predicted.sum().item()
+    if not total:
+        return None
+    top = int(predicted.argmax())
+    if predicted[top] / total >= share and truth[top] / total < share:
+        return class_names[top]
+    return None
