@@ -144,7 +144,7 @@ class _VGGUNet(nn.Module):
         super().__init__()
         # Only the conv features: building the whole VGG would initialise a 100M-parameter classifier.
         self.encoder = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs[self.vgg_config])
-        init_untrained_layers(self.encoder, set())  # what torchvision's VGG (and so the original app) does
+        init_untrained_layers(self.encoder, set(), "fan_out")  # as torchvision's VGG (so the original app) did
         if encoder_weights:
             weights_enum = torchvision.models.get_model_weights(self.vgg_name).IMAGENET1K_V1
             load_imagenet_weights(self.encoder, weights_enum, None if encoder_weights == "imagenet" else encoder_weights,
@@ -338,15 +338,16 @@ def build_model(name: str, num_classes: int, encoder_weights: str | None = None,
     return model
 
 
-def init_untrained_layers(model: nn.Module, keep: set[int]) -> None:
+def init_untrained_layers(model: nn.Module, keep: set[int], mode: str = "fan_in") -> None:
     """He (Kaiming) initialisation for every conv layer whose weights are not in ``keep``.
 
-    PyTorch's default conv init scales weights for variance 1/(3 fan_in): through the 13
-    BatchNorm-free ReLU layers of a VGG encoder the signal fades, and from scratch those
-    models sit on a single class for many epochs. He init keeps the variance per layer.
+    PyTorch's default conv init scales weights for variance 1/(3 fan_in): through the
+    BatchNorm-free ReLU layers of these decoders (and of a VGG encoder) the signal fades, and
+    from scratch the models sit on a single class for many epochs. He init with fan_in keeps the
+    forward variance per layer, also where a decoder narrows the channels.
     """
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and id(module.weight) not in keep:
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
