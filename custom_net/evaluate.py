@@ -178,8 +178,8 @@ def speed_test(model, height: int, width: int, device: torch.device, batch_sizes
     """Milliseconds per image of the model's forward pass (normalisation included) at its input size,
     for each batch size, in float32 / contiguous and with the fast path (``--amp`` dtype + channels_last).
 
-    Each case runs two warm-up batches, then batches until ``min_seconds`` have passed (at least 2,
-    at most ``max_iterations``).
+    Each case runs a warm-up batch, then batches until ``min_seconds`` have passed (at most
+    ``max_iterations``).
     """
     model.eval()
     fast_dtype = resolve_amp(amp, device)
@@ -192,11 +192,10 @@ def speed_test(model, height: int, width: int, device: torch.device, batch_sizes
         for batch_size in batch_sizes:
             images = torch.randint(0, 256, (batch_size, height, width, 3), dtype=torch.uint8, generator=generator)
             no_masks = torch.empty(0)
-            for _ in range(2):  # warm-up: kernel choice, caches, lazy initialisation
-                forward_batch(model, images, no_masks, device, dtype, memory_format)
+            forward_batch(model, images, no_masks, device, dtype, memory_format)  # warm-up: kernel choice, caches
             _sync(device)
             count, start = 0, time.perf_counter()
-            while count < 2 or (count < max_iterations and time.perf_counter() - start < min_seconds):
+            while count < 1 or (count < max_iterations and time.perf_counter() - start < min_seconds):
                 forward_batch(model, images, no_masks, device, dtype, memory_format)
                 _sync(device)
                 count += 1
@@ -413,8 +412,8 @@ def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str 
     if not isinstance(device, torch.device):
         try:
             device = select_device(device)
-        except ValueError as e:
-            raise EvalError(f"--device: {e}") from None
+        except ValueError as e:  # select_device speaks of training's flag
+            raise EvalError(str(e).replace("--gpu-id", "--device")) from None
     try:
         trained = load_trained_model(checkpoint, device)
     except (FileNotFoundError, ValueError) as e:  # their messages name the file
@@ -473,9 +472,10 @@ def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str 
 
 
 def evaluate_training_run(summary: dict, project_dir: str, items: list[data.Item], device: torch.device,
-                          amp: str, speed: bool, report) -> dict | None:
+                          amp: str, speed: bool, batch_size: int, report) -> dict | None:
     """The end-of-training evaluation of the best checkpoint (else the last) on the validation items,
-    written to ``<run>/eval``. A failure is reported, never raised: the trained model is kept."""
+    written to ``<run>/eval``; the speed test's larger batch is the training batch size.
+    A failure is reported, never raised: the trained model is kept."""
     checkpoint = (summary.get("best") or {}).get("checkpoint") or summary.get("last_checkpoint")
     if not checkpoint:
         report("warning", "evaluation skipped: no best or last checkpoint was saved (--save-best / --save-last)")
@@ -483,7 +483,7 @@ def evaluate_training_run(summary: dict, project_dir: str, items: list[data.Item
     report("info", f"evaluating {Path(checkpoint).name} on {len(items)} validation item(s)")
     try:
         result = run_evaluation(checkpoint, project_dir, Path(summary["output_dir"]) / EVAL_DIR, items=items,
-                                device=device, amp=amp, speed=speed)
+                                device=device, amp=amp, speed=speed, speed_batch=batch_size)
     except Exception as e:  # noqa: BLE001 - the run's checkpoints matter more than its report
         logger.exception("evaluation failed")
         report("error", f"evaluation failed: {type(e).__name__}: {e}")
@@ -522,14 +522,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
-    with tqdm(desc="evaluating", unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
-        def progress(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
+    bar = None
+
+    def progress(done, total):  # the bar appears once the input is checked and items are being evaluated
+        nonlocal bar
+        bar = bar or tqdm(total=total, desc="evaluating", unit="img", file=sys.stderr, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
         return run_evaluation(args.checkpoint, args.project_dir, args.output, split_file=args.split_file,
                               device=args.device, mode=args.mode, overlap=args.overlap, amp=args.amp,
                               boundary_width=args.boundary_width, worst=args.worst, speed=args.speed_test,
                               speed_batch=args.speed_batch, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -519,7 +519,7 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
     summary = _summary(args, history, saver, status, epoch, output, started, last)
     if args.eval and status == "finished":  # a stopped run was asked to end now
         summary["eval"] = evaluate_training_run(summary, args.project_dir, val_data.items, device, args.amp,
-                                                args.speed_test, report)
+                                                args.speed_test, args.batch_size, report)
     return _write_summary(reporter, info, summary)
 
 
