@@ -120,7 +120,8 @@ def evaluate_items(trained, meta, items: list[data.Item], device: torch.device, 
     class_to_index = {name: i for i, name in enumerate(class_names)}
     total = ConfusionMatrix(len(class_names), device)
     boundary = BoundaryIoU(len(class_names), boundary_width, device)
-    per_image, heap = [], []  # heap of (-score, n, record, panel): its top is the best of the kept worst
+    # Min-heap of (-score, -n, record, panel): its top is the best of the kept worst (on ties, the later item).
+    per_image, heap = [], []
     started = time.perf_counter()
     for n, item in enumerate(items):
         image, truth = data.load_item(item, meta, class_to_index)
@@ -140,13 +141,13 @@ def evaluate_items(trained, meta, items: list[data.Item], device: torch.device, 
         per_image.append(record)
         if worst > 0 and (len(heap) < worst or score < -heap[0][0]):
             panel = _worst_panel(image, truth, prediction.to(torch.uint8).cpu().numpy(), colors)
-            entry = (-score, n, record, panel)
+            entry = (-score, -n, record, panel)
             heapq.heappush(heap, entry) if len(heap) < worst else heapq.heappushpop(heap, entry)
         if progress is not None:
             progress(n + 1, len(items))
     metrics = total.full_metrics(class_names)
     metrics.update(boundary.metrics(class_names))
-    worst_list = [(record, panel) for _, _, record, panel in sorted(heap, key=lambda e: (-e[0], e[1]))]
+    worst_list = [(record, panel) for _, _, record, panel in sorted(heap, key=lambda e: (-e[0], -e[1]))]
     return {"metrics": metrics, "per_image": per_image, "worst": worst_list,
             "seconds_per_image": (time.perf_counter() - started) / max(1, len(items))}
 
