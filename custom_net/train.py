@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from custom_net import augs, sly_seg_dataset as data
+from custom_net.evaluate import evaluate_training_run
 from custom_net.inference import predict_probabilities
 from custom_net.loss import LOSSES, build_loss
 from custom_net.model import INIT_SCHEMES, UnknownModelError, build_model, model_list
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-keep-ckpts", type=int, default=2, help="how many model_NNN.pth to keep (-1 = all)")
     g.add_argument("--save-best", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--save-last", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="after training, evaluate the best checkpoint on the validation set into <output>/eval/")
+    g.add_argument("--speed-test", action=argparse.BooleanOptionalAction, default=True, help="include a speed test in the evaluation")
 
     g = p.add_argument_group("system and output")
     g.add_argument("--output", default="results/run", help="artifact folder (a free name is chosen if it exists)")
@@ -548,7 +552,11 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
     last = saver.on_train_end(model, max(epoch, 1))  # a stop in epoch 1 still leaves model_001_last.pth
     if history:
         save_charts(history, info / "charts", class_names)
-    return _write_summary(reporter, info, _summary(args, history, saver, status, epoch, output, started, last))
+    summary = _summary(args, history, saver, status, epoch, output, started, last)
+    if args.eval and status == "finished":  # a stopped run was asked to end now
+        summary["eval"] = evaluate_training_run(summary, args.project_dir, val_data.items, device, args.amp,
+                                                args.speed_test, args.batch_size, report)
+    return _write_summary(reporter, info, summary)
 
 
 def _collapse_warning(history: list[dict], last_epoch: bool) -> bool:
