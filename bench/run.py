@@ -170,7 +170,7 @@ def train_setup(name: str, device, fast: bool, compile_model: bool):
     memory_format = torch.channels_last if fast else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     amp_dtype = resolve_amp("auto" if fast else "off", device)
-    criterion = build_loss("ce_dice", 3).to(device)
+    criterion = build_loss("ce_dice", 3, 0.5).to(device)
     optimizer = build_optimizer("Adam", model.parameters(), 1e-3, 0.9, 0.0, False)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     forward_model = torch.compile(model) if compile_model else model
