@@ -40,6 +40,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path | None = None, opset:
     partial = output.with_name(output.name + ".partial")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shape comparisons in the decoders, see above
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter; the dynamo one needs onnxscript
         torch.onnx.export(trained.model, (dummy,), str(partial), dynamo=False, opset_version=opset,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": dynamic, "logits": dynamic})

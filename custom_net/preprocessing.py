@@ -64,7 +64,11 @@ def decode_image_rgb(data: bytes, source: str = "image", max_pixels: int | None 
             raise ImageReadError(f"{source}: image of {size[1]}x{size[0]} pixels is larger than the limit of "
                                  f"{max_pixels} pixels")
     # ANYDEPTH|ANYCOLOR keeps 16-bit and grey images but, unlike IMREAD_UNCHANGED, applies EXIF rotation.
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    except cv2.error as e:  # e.g. a header declaring more than OpenCV's 2^30-pixel limit
+        reason = str(e).strip().splitlines()[-1].split("error: ")[-1]
+        raise ImageReadError(f"{source}: not a readable image ({reason})") from None
     if image is None:
         if data[:2] == JPEG_SOI and JPEG_EOI not in data[-64:]:
             raise ImageReadError(f"{source}: truncated JPEG (the file ends before the end-of-image marker)")
