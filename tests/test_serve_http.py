@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -26,6 +29,8 @@ from custom_net.predict import load_predictor
 from custom_net.preprocessing import read_image_rgb
 
 STARTUP_TIMEOUT_S = 180
+PLATFORM_VARIABLES = {"SERVER_ADDRESS", "API_TOKEN", "TEAM_ID", "TASK_ID", "ENV", "UNET_CHECKPOINT",
+                      "modal.state.slyFile", "modal.state.device", "modal.state.runtime"}
 
 
 def _free_port() -> int:
@@ -35,12 +40,14 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, run: Path, workdir: Path):
+    """The app as deployed: locally on ``run``, or on the platform as described by ``platform_env``."""
+
+    def __init__(self, run: Path | None, workdir: Path, platform_env: dict | None = None):
+        workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "server.log"
-        env = {**os.environ, "UNET_CHECKPOINT": str(run), "UNET_MODEL_DIR": str(workdir / "models"),
-               "UNET_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
-        for platform_variable in ("SERVER_ADDRESS", "API_TOKEN", "modal.state.slyFile", "TASK_ID", "ENV"):
-            env.pop(platform_variable, None)
+        env = {k: v for k, v in os.environ.items() if k not in PLATFORM_VARIABLES}
+        env.update({"UNET_MODEL_DIR": str(workdir / "models"), "UNET_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+        env.update(platform_env or {"UNET_CHECKPOINT": str(run)})
         for _ in range(3):  # another process may take the free port between the check and uvicorn's bind
             self.port = _free_port()
             self.url = f"http://127.0.0.1:{self.port}"
@@ -246,3 +253,69 @@ def test_eight_concurrent_clients(server, meta):
     assert len(answers) == 80
     for which, mask in answers:
         _assert_agrees(mask, expected[which])
+
+
+def test_only_the_requested_classes_are_answered(server, meta):
+    image = _png(_synthetic(120, 160, 9))
+    everything = server.infer(image).json()["annotation"]
+    assert {o["classTitle"] for o in everything["objects"]} == {"lemon", "kiwi"}
+    only_kiwi = server.infer(image, settings={"classes": ["kiwi"]}).json()["annotation"]
+    assert [o["classTitle"] for o in only_kiwi["objects"]] == ["kiwi"]
+    assert only_kiwi["objects"] == [o for o in everything["objects"] if o["classTitle"] == "kiwi"]
+
+
+class TeamFiles(ThreadingHTTPServer):
+    """Loopback stand-in for the platform's Team Files API: the two calls the app makes
+    (``file-storage.list`` for existence, ``file-storage.download``), answered from a local folder."""
+
+    def __init__(self, root: Path):
+        self.root, self.calls = root, []
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            method = self.path.split("/public/api/v3/")[-1]
+            self.server.calls.append((method, body.get("teamId"), body.get("path")))
+            local = self.server.root / body.get("path", "").lstrip("/")
+            if method == "file-storage.list":
+                found = [{"path": body["path"], "name": local.name}] if local.is_file() else []
+                self._answer(json.dumps(found).encode(), "application/json")
+            elif method == "file-storage.download" and local.is_file():
+                self._answer(local.read_bytes(), "application/octet-stream")
+            else:
+                self.send_error(404)
+
+        def _answer(self, data: bytes, content_type: str):
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+
+def test_on_the_platform_the_checkpoint_and_run_info_come_from_team_files(run, tmp_path):
+    storage = tmp_path / "storage"
+    shutil.copytree(run, storage / "unet" / "7_lemons")
+    team_files = TeamFiles(storage)
+    remote = "/unet/7_lemons/checkpoints/model_001_best.pth"
+    platform = {"SERVER_ADDRESS": f"http://127.0.0.1:{team_files.server_port}", "API_TOKEN": "token",
+                "TEAM_ID": "5", "modal.state.slyFile": remote, "modal.state.device": "cpu"}
+    server = Server(None, tmp_path / "app", platform)
+    try:
+        assert server.post("get_session_info").json()["checkpoint_name"] == "model_001_best.pth"
+        assert [c["title"] for c in server.post("get_output_classes_and_tags").json()["classes"]] == [
+            name for name, _, _ in CLASSES]
+        downloads = {path for method, team, path in team_files.calls if method == "file-storage.download"}
+        assert downloads == {remote, "/unet/7_lemons/info/ui_state.json", "/unet/7_lemons/info/model_classes.json"}
+        assert all(team == 5 for _, team, _ in team_files.calls)
+    finally:
+        server.stop()
+    (storage / "unet" / "7_lemons" / "info" / "model_classes.json").unlink()
+    with pytest.raises(pytest.fail.Exception, match="/unet/7_lemons/info/model_classes.json not found"):
+        Server(None, tmp_path / "app2", platform)
+    team_files.shutdown()
