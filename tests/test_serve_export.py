@@ -88,7 +88,8 @@ def test_architecture_exports_with_dynamic_batch_and_size(model_name, tmp_path):
             expected = model(inputs)
         got = session(inputs)
         assert got.shape == expected.shape == (shape[0], len(CLASSES), shape[2], shape[3])
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        scale = max(1.0, expected.abs().max().item())  # float32 rounding grows with the logits' magnitude
+        torch.testing.assert_close(got, expected, atol=1e-4 * scale, rtol=1e-4)
 
 
 def test_onnx_runtime_agrees_with_pytorch_on_lemons(onnx_run):
@@ -101,7 +102,8 @@ def test_onnx_runtime_agrees_with_pytorch_on_lemons(onnx_run):
     got = session(batch)
     agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
     assert agreement >= 0.999, f"argmax agreement {agreement:.5f}"
-    assert (got - expected).abs().max().item() < 1e-3  # speed: bench/serve_bench.py
+    scale = max(1.0, expected.abs().max().item())
+    assert (got - expected).abs().max().item() < 1e-4 * scale  # speed: bench/serve_bench.py
 
 
 
