@@ -154,9 +154,16 @@ def predict_image(model, image: np.ndarray, input_height: int, input_width: int,
         return predict_sliding_window(model, image, input_height, input_width, device, amp_dtype, overlap, batch_size)
     if mode != "whole":
         raise ValueError(f"unknown inference mode {mode!r}; choose from {', '.join(INFERENCE_MODES)}")
-    height, width = image.shape[:2]
-    probs = predict_probabilities(model, resize_image(image, input_height, input_width)[None], device, amp_dtype)
-    return F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)[0]
+    return _whole_image_probabilities(model, [image], input_height, input_width, device, amp_dtype)[0]
+
+
+def _whole_image_probabilities(model, images: list[np.ndarray], input_height: int, input_width: int, device,
+                               amp_dtype) -> list[torch.Tensor]:
+    """Probabilities (C, H, W) at each image's own size; the images, resized to the training size, share one pass."""
+    batch = np.stack([resize_image(image, input_height, input_width) for image in images])
+    probs = predict_probabilities(model, batch, device, amp_dtype)
+    return [F.interpolate(p[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+            for image, p in zip(images, probs)]
 
 
 @torch.inference_mode()
@@ -172,11 +179,8 @@ def predict_masks(model, images: list[np.ndarray], input_height: int, input_widt
     masks = []
     for first in range(0, len(images), batch_size):
         chunk = images[first:first + batch_size]
-        batch = np.stack([resize_image(image, input_height, input_width) for image in chunk])
-        probs = predict_probabilities(model, batch, device, amp_dtype)
-        for image, image_probs in zip(chunk, probs):
-            full = F.interpolate(image_probs[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
-            masks.append(full.argmax(dim=0).to(torch.uint8).cpu().numpy())
+        for probs in _whole_image_probabilities(model, chunk, input_height, input_width, device, amp_dtype):
+            masks.append(probs.argmax(dim=0).to(torch.uint8).cpu().numpy())
     return masks
 
 

@@ -191,3 +191,13 @@ def test_predict_cli_reports_bad_input(tmp_path, capsys):
     assert predict_main([str(tmp_path / "run"), str(tmp_path / "images"), "--output", str(tmp_path / "out")]) == 1
     assert "broken.jpg: not a readable image" in capsys.readouterr().err
     assert (tmp_path / "out" / "masks" / "fine.png").is_file()
+
+
+def test_batched_whole_image_masks_match_one_image_at_a_time(tmp_path):
+    from custom_net.inference import inference
+
+    predictor = load_predictor(make_run(tmp_path / "run"), "cpu", amp="off")
+    images = [np.random.default_rng(i).integers(0, 256, (50 + 30 * i, 70 + 20 * i, 3), np.uint8) for i in range(5)]
+    masks = predictor.masks(images, batch_size=2)  # batches of 2, 2 and 1 images of different sizes
+    for image, mask in zip(images, masks):
+        np.testing.assert_array_equal(mask, inference(predictor.net, image, 64, 64, predictor.device))
