@@ -45,6 +45,21 @@ def read_run_info(checkpoint: str | Path) -> tuple[dict, list[sly.ObjClass]]:
     return ui_state, [sly.ObjClass.from_json(c) for c in classes]
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A ``.pth`` as given, or for a run folder its newest best checkpoint (else last, else newest)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run folder")
+    candidates = sorted((path / "checkpoints").glob("model_*.pth"))
+    for suffix in ("_best.pth", "_last.pth", ".pth"):
+        chosen = [c for c in candidates if c.name.endswith(suffix)]
+        if chosen:
+            return chosen[-1]  # model_NNN: zero-padded epoch numbers sort by name
+    raise FileNotFoundError(f"{path}: no checkpoints/model_*.pth in this run folder")
+
+
 def load_trained_model(checkpoint: str | Path, device=torch.device("cpu")) -> TrainedModel:
     """Build the architecture named in the run folder and load the plain state dict strictly.
 
@@ -139,15 +154,40 @@ def predict_image(model, image: np.ndarray, input_height: int, input_width: int,
         return predict_sliding_window(model, image, input_height, input_width, device, amp_dtype, overlap, batch_size)
     if mode != "whole":
         raise ValueError(f"unknown inference mode {mode!r}; choose from {', '.join(INFERENCE_MODES)}")
-    height, width = image.shape[:2]
-    probs = predict_probabilities(model, resize_image(image, input_height, input_width)[None], device, amp_dtype)
-    return F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)[0]
+    return _whole_image_probabilities(model, [image], input_height, input_width, device, amp_dtype)[0]
+
+
+def _whole_image_probabilities(model, images: list[np.ndarray], input_height: int, input_width: int, device,
+                               amp_dtype) -> list[torch.Tensor]:
+    """Probabilities (C, H, W) at each image's own size; the images, resized to the training size, share one pass."""
+    batch = np.stack([resize_image(image, input_height, input_width) for image in images])
+    probs = predict_probabilities(model, batch, device, amp_dtype)
+    return [F.interpolate(p[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+            for image, p in zip(images, probs)]
+
+
+@torch.inference_mode()
+def predict_masks(model, images: list[np.ndarray], input_height: int, input_width: int, device=torch.device("cpu"),
+                  amp_dtype=None, mode: str = "whole", overlap: float = 0.25, batch_size: int = 4) -> list[np.ndarray]:
+    """Class-index masks (H, W) uint8 for RGB images of any sizes, as ``inference`` computes them one by one.
+
+    In ``whole`` mode the images share forward passes of up to ``batch_size`` images.
+    """
+    if mode != "whole":
+        return [inference(model, image, input_height, input_width, device, amp_dtype, mode, overlap, batch_size)
+                for image in images]
+    masks = []
+    for first in range(0, len(images), batch_size):
+        chunk = images[first:first + batch_size]
+        for probs in _whole_image_probabilities(model, chunk, input_height, input_width, device, amp_dtype):
+            masks.append(probs.argmax(dim=0).to(torch.uint8).cpu().numpy())
+    return masks
 
 
 def inference(model, image: np.ndarray, input_height: int, input_width: int, device=torch.device("cpu"),
-              amp_dtype=None, mode: str = "whole", overlap: float = 0.25) -> np.ndarray:
+              amp_dtype=None, mode: str = "whole", overlap: float = 0.25, batch_size: int = 4) -> np.ndarray:
     """Class-index mask (H, W) uint8 for an RGB image of any size (see ``predict_image``)."""
-    probs = predict_image(model, image, input_height, input_width, device, amp_dtype, mode, overlap)
+    probs = predict_image(model, image, input_height, input_width, device, amp_dtype, mode, overlap, batch_size)
     return probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 

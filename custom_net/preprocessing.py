@@ -1,14 +1,17 @@
 """Image reading, resizing and normalisation shared by training, inference and serving."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 
 
 class ImageReadError(ValueError):
@@ -39,12 +42,36 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
     return decode_image_rgb(data.tobytes(), source=str(path))
 
 
-def decode_image_rgb(data: bytes, source: str = "image") -> np.ndarray:
+def image_header_size(data: bytes, source: str = "image") -> tuple[int, int] | None:
+    """(height, width) from the file header, no pixels decoded; None when PIL does not know the format."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as e:  # PIL refuses headers declaring hundreds of megapixels
+        raise ImageReadError(f"{source}: {e}") from None
+    except Exception:
+        return None
+    return height, width
+
+
+def decode_image_rgb(data: bytes, source: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Decode image bytes to RGB uint8; ``max_pixels`` refuses oversized images before any pixel is decoded."""
     if len(data) == 0:
         raise ImageReadError(f"{source}: empty file")
+    if max_pixels is not None:
+        size = image_header_size(data, source)
+        if size is not None and size[0] * size[1] > max_pixels:
+            raise ImageReadError(f"{source}: image of {size[1]}x{size[0]} pixels is larger than the limit of "
+                                 f"{max_pixels} pixels")
     # ANYDEPTH|ANYCOLOR keeps 16-bit and grey images but, unlike IMREAD_UNCHANGED, applies EXIF rotation.
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    except cv2.error as e:  # e.g. a header declaring more than OpenCV's 2^30-pixel limit
+        reason = str(e).strip().splitlines()[-1].split("error: ")[-1]
+        raise ImageReadError(f"{source}: not a readable image ({reason})") from None
     if image is None:
+        if data[:2] == JPEG_SOI and JPEG_EOI not in data[-64:]:
+            raise ImageReadError(f"{source}: truncated JPEG (the file ends before the end-of-image marker)")
         raise ImageReadError(f"{source}: not a readable image (corrupt or unsupported format)")
     return to_rgb_uint8(image, source)
 

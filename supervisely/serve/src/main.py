@@ -1,0 +1,17 @@
+"""ASGI entry point of the serving app, on the platform and locally:
+
+    UNET_CHECKPOINT=results/exp1 uvicorn main:app --app-dir supervisely/serve/src --host 127.0.0.1 --port 8000
+
+Configuration comes from the environment (see ``DeployConfig.from_env``): the platform passes the
+modal's choices as ``modal.state.slyFile`` / ``modal.state.device``; local use sets ``UNET_CHECKPOINT``
+(a run folder or a .pth) and optionally ``UNET_DEVICE``, ``UNET_RUNTIME`` (pytorch | onnx),
+``UNET_AMP``, ``UNET_MAX_PIXELS``, ``UNET_MODEL_DIR``.
+"""
+from custom_net.utils import select_device
+from unet_model import DeployConfig, UNetModel
+
+config = DeployConfig.from_env()
+model = UNetModel(config)
+model.load_on_device(model.model_dir, str(select_device(config.device)))
+model.serve()
+app = model.app

@@ -1,0 +1,240 @@
+"""The UNet inference service: ``sly.nn.inference.SemanticSegmentation`` over the engine's ``Predictor``.
+
+Requests go through the SDK's routes and request manager. Two of them, ``/inference_image`` and
+``/inference_batch`` (uploads), are replaced by versions with the same form fields that decode the
+upload with the engine's decoder and check the settings first, so a bad image or an unknown
+setting is a 400 with a message instead of a 500.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, List
+
+import supervisely as sly
+from fastapi import FastAPI, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from custom_net.inference import INFERENCE_MODES, convert_prediction_to_sly_format
+from custom_net.predict import Predictor, load_predictor
+from custom_net.preprocessing import ImageReadError, decode_image_rgb, read_image_rgb
+
+DEFAULT_SETTINGS = {
+    "mode": "whole",         # whole: resized to the training size; sliding: training-size tiles at full resolution
+    "overlap": 0.25,         # sliding: fraction of a tile shared with its neighbour, in [0, 1)
+    "tile_batch_size": 4,    # images (whole) or tiles (sliding) per forward pass
+}
+# Keys the SDK itself or the platform's apps put into settings; accepted, the rest is rejected.
+SDK_SETTINGS = {"classes", "rectangle", "sliding_window_mode", "inference_mode", "sliding_window_params"}
+STATE_KEYS = {"settings", "batch_size", "rectangle"}
+MAX_TILE_BATCH = 256
+
+
+class InvalidSettings(ValueError):
+    """Inference settings or request state the service cannot honour; answered with 400."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    mode: str
+    overlap: float
+    tile_batch_size: int
+
+
+def parse_settings(settings: Dict[str, Any]) -> InferenceSettings:
+    """Validate settings (the defaults merged with the request's); the message lists what is accepted."""
+    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS) - SDK_SETTINGS)
+    if unknown:
+        raise InvalidSettings(f"unknown inference setting(s) {', '.join(map(repr, unknown))}; "
+                              f"valid settings: {', '.join(DEFAULT_SETTINGS)}")
+    if settings.get("inference_mode", "full_image") != "full_image":
+        raise InvalidSettings(f"inference_mode {settings['inference_mode']!r} is not supported; "
+                              "for sliding window use the setting \"mode\": \"sliding\"")
+    mode = settings.get("mode", DEFAULT_SETTINGS["mode"])
+    if mode not in INFERENCE_MODES:
+        raise InvalidSettings(f"mode must be one of {', '.join(INFERENCE_MODES)}, got {mode!r}")
+    overlap = settings.get("overlap", DEFAULT_SETTINGS["overlap"])
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+        raise InvalidSettings(f"overlap must be a number in [0, 1), got {overlap!r}")
+    tile_batch = settings.get("tile_batch_size", DEFAULT_SETTINGS["tile_batch_size"])
+    if isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or not 1 <= tile_batch <= MAX_TILE_BATCH:
+        raise InvalidSettings(f"tile_batch_size must be an integer from 1 to {MAX_TILE_BATCH}, got {tile_batch!r}")
+    return InferenceSettings(mode, float(overlap), tile_batch)
+
+
+def parse_state(text: str) -> dict:
+    """The form field ``settings`` (or ``state``) of an upload: ``{"settings": {...}, "batch_size": N}``."""
+    try:
+        state = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise InvalidSettings(f"settings is not valid JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise InvalidSettings(f"settings must be a JSON object, got {type(state).__name__}")
+    unknown = sorted(set(state) - STATE_KEYS)
+    if unknown:
+        raise InvalidSettings(f"unknown request key(s) {', '.join(map(repr, unknown))}; accepted: "
+                              f"{', '.join(sorted(STATE_KEYS))} (inference settings go inside \"settings\")")
+    settings = state.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise InvalidSettings("\"settings\" must be a JSON object")
+    parse_settings({**DEFAULT_SETTINGS, **settings})
+    batch_size = state.get("batch_size")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InvalidSettings(f"batch_size must be a positive integer, got {batch_size!r}")
+    return state
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """What to serve and how. On the platform the modal's state arrives as ``modal.state.*`` variables."""
+    checkpoint: str          # a Team Files path (platform) or a local .pth / run folder
+    on_platform: bool
+    device: str = "auto"
+    runtime: str = "pytorch"
+    amp: str = "auto"
+    max_pixels: int = 50_000_000
+    model_dir: str = ""
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "DeployConfig":
+        remote = env.get("modal.state.slyFile")
+        local = env.get("UNET_CHECKPOINT")
+        if not remote and not local:
+            raise ValueError("nothing to serve: set UNET_CHECKPOINT to a run folder or a .pth (local use), "
+                             "or open the app on a checkpoint in Team Files (modal.state.slyFile)")
+        model_dir = env.get("UNET_MODEL_DIR") or os.path.join(env.get("SLY_APP_DATA_DIR", "/tmp/unet_serve"), "models")
+        try:
+            max_pixels = int(env.get("UNET_MAX_PIXELS", cls.max_pixels))
+        except ValueError:
+            raise ValueError(f"UNET_MAX_PIXELS must be an integer, got {env['UNET_MAX_PIXELS']!r}") from None
+        return cls(checkpoint=remote or local, on_platform=bool(remote),
+                   device=env.get("modal.state.device") or env.get("UNET_DEVICE", "auto"),
+                   runtime=env.get("modal.state.runtime") or env.get("UNET_RUNTIME", "pytorch"),
+                   amp=env.get("UNET_AMP", "auto"), max_pixels=max_pixels, model_dir=model_dir)
+
+
+def download_run_files(api: sly.Api, team_id: int, remote_checkpoint: str, local_dir: Path) -> Path:
+    """Copy a Team Files checkpoint and its run's info/ui_state.json, info/model_classes.json into local_dir,
+    keeping the run's layout (checkpoints/ beside info/) that ``load_trained_model`` reads."""
+    remote = PurePosixPath(remote_checkpoint)
+    run = remote.parent.parent
+    files = {str(remote): local_dir / "checkpoints" / remote.name}
+    for name in ("ui_state.json", "model_classes.json"):
+        files[str(run / "info" / name)] = local_dir / "info" / name
+    for remote_path, local_path in files.items():
+        if not api.file.exists(team_id, remote_path):
+            raise FileNotFoundError(f"Team Files (team {team_id}): {remote_path} not found; a checkpoint must sit in "
+                                    "<run>/checkpoints/ beside <run>/info/ as the training app uploads it")
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        api.file.download(team_id, remote_path, str(local_path))
+    return files[str(remote)]
+
+
+def _bad_request(request: Request, exc: Exception) -> JSONResponse:
+    message = str(exc)
+    return JSONResponse(status_code=400, content={"detail": message, "message": message, "success": False})
+
+
+def _replace_post_route(server: FastAPI, path: str, endpoint) -> None:
+    """Serve ``endpoint`` at ``path`` instead of the SDK's handler (the first matching route answers)."""
+    server.add_api_route(path, endpoint, methods=["POST"])
+    routes = server.router.routes
+    ours = routes.pop()
+    index = next(i for i, r in enumerate(routes) if isinstance(r, APIRoute) and r.path == path)
+    routes[index] = ours
+
+
+class UNetModel(sly.nn.inference.SemanticSegmentation):
+    def __init__(self, config: DeployConfig):
+        self.config = config
+        self.predictor: Predictor | None = None
+        # The SDK's own sliding window cuts images into separate predictions; ours blends tiles ("mode": "sliding").
+        super().__init__(model_dir=config.model_dir, custom_inference_settings=dict(DEFAULT_SETTINGS),
+                         sliding_window_mode="none", use_gui=False)
+
+    @property
+    def api(self) -> sly.Api | None:
+        # Local use has no platform: the SDK then skips what needs one (autostart, task fields).
+        if not self.config.on_platform and not os.environ.get("SERVER_ADDRESS"):
+            return None
+        return super().api
+
+    def load_on_device(self, model_dir: str, device: str = "auto") -> None:
+        checkpoint = self.config.checkpoint
+        if self.config.on_platform:
+            checkpoint = download_run_files(self.api, sly.env.team_id(), checkpoint, Path(model_dir) / "run")
+        self.predictor = load_predictor(checkpoint, device, self.config.runtime, self.config.amp,
+                                        onnx_path=Path(model_dir) / "model.onnx")
+        self.device = str(self.predictor.device)
+        self.runtime = self.config.runtime
+        classes = self.predictor.model_classes
+        self.classes = [c.name for c in classes]
+        # The run's own colours, every class a Bitmap (what a prediction is, whatever shape it was labelled with).
+        self._model_meta = sly.ProjectMeta([c.clone(geometry_type=sly.Bitmap) for c in classes])
+        self._get_confidence_tag_meta()
+
+    def get_classes(self) -> List[str]:
+        return self.classes
+
+    def get_info(self) -> dict:
+        info = super().get_info()
+        trained = self.predictor.trained
+        info.update({
+            "model_name": trained.model_name,
+            "checkpoint_name": trained.checkpoint.name,
+            "pretrained_on_dataset": "custom",
+            "device": self.device,
+            "runtime": self.runtime,
+            "amp": str(self.predictor.amp_dtype).replace("torch.", "") if self.predictor.amp_dtype else "off",
+            "input_size": {"height": trained.input_height, "width": trained.input_width},
+            "inference_modes": list(INFERENCE_MODES),
+            "max_image_pixels": self.config.max_pixels,
+        })
+        return info
+
+    def predict(self, image_path: str, settings: Dict[str, Any]) -> List[sly.nn.PredictionSegmentation]:
+        return self.predict_batch([read_image_rgb(image_path)], settings)[0]
+
+    def predict_batch(self, images_np: List, settings: Dict[str, Any]) -> List[List[sly.nn.PredictionSegmentation]]:
+        options = parse_settings(settings)
+        masks = self.predictor.masks(list(images_np), options.mode, options.overlap, options.tile_batch_size)
+        return [[sly.nn.PredictionSegmentation(mask)] for mask in masks]
+
+    def _create_label(self, dto: sly.nn.PredictionSegmentation, classes_whitelist=None) -> List[sly.Label]:
+        # The engine's conversion (``__bg__`` left out), so the service and custom_net/predict.py agree.
+        labels = convert_prediction_to_sly_format(dto.mask, self.predictor.model_classes).labels
+        if classes_whitelist in (None, "all"):
+            return labels
+        return [label for label in labels if label.obj_class.name in classes_whitelist]
+
+    def _decode_uploads(self, files: List[UploadFile]) -> list:
+        images = []
+        for number, upload in enumerate(files, 1):
+            name = upload.filename or f"file {number}"
+            images.append(decode_image_rgb(upload.file.read(), name, self.config.max_pixels))
+        return images
+
+    def serve(self) -> None:
+        super().serve()
+        server = self._app.get_server()
+        for error in (InvalidSettings, ImageReadError):
+            server.add_exception_handler(error, _bad_request)
+
+        def inference_image(files: List[UploadFile], settings: str = Form("{}"), state: str = Form("{}")):
+            request_state = parse_state(settings if state in ("", "{}") else state)
+            if len(files) != 1:
+                raise HTTPException(status_code=400, detail=f"Only one file expected but got {len(files)}")
+            images = self._decode_uploads(files)
+            results = self.inference_requests_manager.run(self._inference_images, images, request_state)
+            return self._get_single_inference_result(results)
+
+        def inference_batch(files: List[UploadFile], settings: str = Form("{}"), state: str = Form("{}")):
+            request_state = parse_state(settings if state in ("", "{}") else state)
+            images = self._decode_uploads(files)
+            return self.inference_requests_manager.run(self._inference_images, images, request_state)
+
+        _replace_post_route(server, "/inference_image", inference_image)
+        _replace_post_route(server, "/inference_batch", inference_batch)

@@ -1,0 +1,203 @@
+"""ONNX export and ONNX Runtime against PyTorch, the predict CLI, image decoding limits, run-folder resolution.
+
+Models here are fixed-seed (untrained) networks in a run folder laid out as training writes it;
+``make_run`` is shared with tests/test_serve_http.py.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import supervisely as sly
+import torch
+
+from tests.conftest import REPO, shared_path
+from custom_net.export import OnnxRuntimeModel, export_onnx
+from custom_net.inference import load_trained_model, resolve_checkpoint
+from custom_net.model import build_model
+from custom_net.predict import load_predictor, main as predict_main
+from custom_net.preprocessing import ImageReadError, decode_image_rgb, normalize_batch, read_image_rgb, resize_image
+
+CLASSES = [("__bg__", sly.Bitmap, [0, 0, 0]), ("lemon", sly.Polygon, [255, 200, 0]), ("kiwi", sly.Bitmap, [40, 160, 40])]
+
+
+def make_run(root: Path, model_name: str = "UNet", height: int = 64, width: int = 64, seed: int = 0,
+             epoch: int = 1) -> Path:
+    """A run folder (checkpoints/model_NNN_best.pth + info/*.json) holding a fixed-seed model."""
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (root / "info").mkdir(exist_ok=True)
+    classes = [sly.ObjClass(name, shape, color).to_json() for name, shape, color in CLASSES]
+    (root / "info" / "model_classes.json").write_text(json.dumps(classes))
+    ui_state = {"selectedModel": model_name, "imgSize": {"width": width, "height": height}}
+    (root / "info" / "ui_state.json").write_text(json.dumps(ui_state))
+    torch.manual_seed(seed)
+    model = build_model(model_name, len(CLASSES), "none")
+    _balance_classes(model, height, width)
+    checkpoint = root / "checkpoints" / f"model_{epoch:03d}_best.pth"
+    torch.save(model.state_dict(), checkpoint)
+    return checkpoint
+
+
+@torch.no_grad()
+def _balance_classes(model: torch.nn.Module, height: int, width: int) -> None:
+    """Shift the head's biases so that every class wins somewhere: an untrained network otherwise
+    predicts one class everywhere, and tests could not tell a right mask from a wrong one."""
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == len(CLASSES)][-1]
+    model.eval()
+    sample = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    logits = model(sample)
+    head.bias -= logits.mean(dim=(0, 2, 3))
+    head.weight *= 4  # wider margins between classes: fewer near-ties for bf16 to flip
+    head.bias *= 4
+
+
+def lemons_images() -> list[Path]:
+    return sorted(shared_path("data", "lemons_test").rglob("*.jpeg"))
+
+
+@pytest.fixture(scope="module")
+def onnx_run(tmp_path_factory) -> Path:
+    """UNet with a 256x320 training size, exported once by the command a user runs."""
+    checkpoint = make_run(tmp_path_factory.mktemp("onnx") / "run", height=256, width=320)
+    result = subprocess.run([sys.executable, str(REPO / "custom_net" / "export.py"), str(checkpoint.parent.parent)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Path(result.stdout.strip()) == checkpoint.with_suffix(".onnx")  # the run's best checkpoint, beside it
+    return checkpoint
+
+
+# UNet and AlbuNet: AlbuNet's decoder resizes to the skip's size at odd multiples of 32 (UNet11, UNet16
+# and LinkNet34 export the same way; checked by hand, left out to keep the suite short).
+@pytest.mark.parametrize("model_name", ["UNet", "AlbuNet"])
+def test_architecture_exports_with_dynamic_batch_and_size(model_name, tmp_path):
+    checkpoint = make_run(tmp_path / "run", model_name)
+    path = export_onnx(checkpoint, tmp_path / "model.onnx")
+    model = load_trained_model(checkpoint).model
+    session = OnnxRuntimeModel(path)
+    # 64x64 is an even multiple of 32, 96x160 / 160x96 odd ones: the decoders' resize-to-skip must be in the graph.
+    for shape in [(1, 3, 64, 64), (2, 3, 96, 160), (3, 3, 160, 96)]:
+        inputs = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            expected = model(inputs)
+        got = session(inputs)
+        assert got.shape == expected.shape == (shape[0], len(CLASSES), shape[2], shape[3])
+        scale = max(1.0, expected.abs().max().item())  # float32 rounding grows with the logits' magnitude
+        torch.testing.assert_close(got, expected, atol=1e-4 * scale, rtol=1e-4)
+
+
+def test_onnx_runtime_agrees_with_pytorch_on_lemons(onnx_run):
+    images = [read_image_rgb(p) for p in lemons_images()]
+    trained = load_trained_model(onnx_run)
+    session = OnnxRuntimeModel(onnx_run.with_suffix(".onnx"))
+    batch = normalize_batch(torch.as_tensor(np.stack([resize_image(i, 256, 320) for i in images])))
+    with torch.inference_mode():
+        expected = trained.model(batch)
+    got = session(batch)
+    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    assert agreement >= 0.999, f"argmax agreement {agreement:.5f}"
+    scale = max(1.0, expected.abs().max().item())
+    assert (got - expected).abs().max().item() < 1e-4 * scale  # speed: bench/serve_bench.py
+
+
+
+def test_predictors_on_both_runtimes_give_the_same_masks(onnx_run, tmp_path):
+    image = read_image_rgb(lemons_images()[0])
+    onnx = load_predictor(onnx_run, "cpu", "onnx", onnx_path=tmp_path / "m.onnx")
+    torch_fp32 = load_predictor(onnx_run, "cpu", "pytorch", amp="off")
+    # whole: the full image resized; sliding: a 300x420 crop in 256x320 tiles (4 tiles, blended)
+    for mode, part in (("whole", image), ("sliding", image[100:400, 200:620])):
+        (a,), (b,) = onnx.masks([part], mode), torch_fp32.masks([part], mode)
+        assert a.shape == b.shape == part.shape[:2]
+        assert (a == b).mean() >= 0.999, mode
+
+
+def test_export_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope: no such checkpoint or run folder"):
+        export_onnx(tmp_path / "nope")
+    checkpoint = make_run(tmp_path / "run")
+    (tmp_path / "run" / "info" / "ui_state.json").unlink()
+    with pytest.raises(FileNotFoundError, match="the run folder has no .*ui_state.json"):
+        export_onnx(checkpoint)
+
+
+def test_resolve_checkpoint_prefers_best_then_last(tmp_path):
+    run = tmp_path / "run"
+    make_run(run, epoch=3)
+    (run / "checkpoints" / "model_012_best.pth").write_bytes(b"")
+    (run / "checkpoints" / "model_015_last.pth").write_bytes(b"")
+    assert resolve_checkpoint(run).name == "model_012_best.pth"
+    for best in (run / "checkpoints").glob("*_best.pth"):
+        best.unlink()
+    assert resolve_checkpoint(run).name == "model_015_last.pth"
+    with pytest.raises(FileNotFoundError, match="no checkpoints/model_"):
+        resolve_checkpoint(tmp_path)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A well-formed PNG header and one tiny IDAT for an image of absurd declared size."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decode_refuses_absurd_sizes_truncated_and_empty_files():
+    with pytest.raises(ImageReadError, match="big.png: image of 100000x90000 pixels is larger than the limit"):
+        decode_image_rgb(png_declaring(100_000, 90_000), "big.png", max_pixels=50_000_000)
+    with pytest.raises(ImageReadError, match="huge.png: not a readable image"):  # no limit given: OpenCV's own
+        decode_image_rgb(png_declaring(1_000_000, 1_000_000), "huge.png")
+    jpeg = cv2.imencode(".jpg", np.full((64, 80, 3), 120, np.uint8))[1].tobytes()
+    assert decode_image_rgb(jpeg, "ok.jpg", max_pixels=64 * 80).shape == (64, 80, 3)
+    with pytest.raises(ImageReadError, match="cut.jpg: truncated JPEG"):
+        decode_image_rgb(jpeg[: len(jpeg) // 2], "cut.jpg")
+    with pytest.raises(ImageReadError, match="empty.png: empty file"):
+        decode_image_rgb(b"", "empty.png")
+
+
+def test_predict_cli_writes_annotations_masks_and_overlays(tmp_path):
+    images = lemons_images()
+    make_run(tmp_path / "run")
+    out = tmp_path / "pred"
+    assert predict_main([str(tmp_path / "run"), str(images[0].parent), "--output", str(out), "--device", "cpu"]) == 0
+    meta = sly.ProjectMeta.from_json(json.loads((out / "meta.json").read_text()))
+    assert [c.name for c in meta.obj_classes] == [name for name, _, _ in CLASSES]
+    for path in images:
+        image = cv2.imread(str(path))
+        mask = cv2.imread(str(out / "masks" / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == image.shape[:2] and mask.dtype == np.uint8 and mask.max() < len(CLASSES)
+        assert cv2.imread(str(out / "overlays" / f"{path.stem}.png")).shape == image.shape
+        ann = sly.Annotation.from_json(json.loads((out / "ann" / f"{path.name}.json").read_text()), meta)
+        assert ann.img_size == image.shape[:2]
+        painted = np.zeros(image.shape[:2], np.uint8)
+        for label in ann.labels:
+            label.geometry.draw(painted, meta.obj_classes.keys().index(label.obj_class.name))
+        np.testing.assert_array_equal(painted, mask)  # annotation and mask say the same thing
+
+
+def test_predict_cli_reports_bad_input(tmp_path, capsys):
+    make_run(tmp_path / "run")
+    assert predict_main([str(tmp_path / "run"), str(tmp_path / "missing.jpg")]) == 2
+    assert "missing.jpg: no such image or folder" in capsys.readouterr().err
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"not a jpeg")
+    cv2.imwrite(str(tmp_path / "images" / "fine.png"), np.zeros((40, 50, 3), np.uint8))
+    assert predict_main([str(tmp_path / "run"), str(tmp_path / "images"), "--output", str(tmp_path / "out")]) == 1
+    assert "broken.jpg: not a readable image" in capsys.readouterr().err
+    assert (tmp_path / "out" / "masks" / "fine.png").is_file()
+
+
+def test_batched_whole_image_masks_match_one_image_at_a_time(tmp_path):
+    from custom_net.inference import inference
+
+    predictor = load_predictor(make_run(tmp_path / "run"), "cpu", amp="off")
+    images = [np.random.default_rng(i).integers(0, 256, (50 + 30 * i, 70 + 20 * i, 3), np.uint8) for i in range(5)]
+    masks = predictor.masks(images, batch_size=2)  # batches of 2, 2 and 1 images of different sizes
+    for image, mask in zip(images, masks):
+        np.testing.assert_array_equal(mask, inference(predictor.net, image, 64, 64, predictor.device))

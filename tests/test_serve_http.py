@@ -1,0 +1,321 @@
+"""The serving app over real HTTP: uvicorn in a subprocess on a free 127.0.0.1 port, started once for the module.
+
+Predictions are checked against the engine's ``Predictor`` in this process (same checkpoint, same
+fast path), so a wrong resize, class order or mask placement in the service shows up as a mismatch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import requests
+import supervisely as sly
+
+from tests.conftest import REPO
+from tests.test_serve_export import CLASSES, lemons_images, make_run, png_declaring
+from custom_net.predict import load_predictor
+from custom_net.preprocessing import read_image_rgb
+
+STARTUP_TIMEOUT_S = 180
+PLATFORM_VARIABLES = {"SERVER_ADDRESS", "API_TOKEN", "TEAM_ID", "TASK_ID", "ENV", "UNET_CHECKPOINT",
+                      "modal.state.slyFile", "modal.state.device", "modal.state.runtime"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The app as deployed: locally on ``run``, or on the platform as described by ``platform_env``."""
+
+    def __init__(self, run: Path | None, workdir: Path, platform_env: dict | None = None):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "server.log"
+        env = {k: v for k, v in os.environ.items() if k not in PLATFORM_VARIABLES}
+        env.update({"UNET_MODEL_DIR": str(workdir / "models"), "UNET_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+        env.update(platform_env or {"UNET_CHECKPOINT": str(run)})
+        for _ in range(3):  # another process may take the free port between the check and uvicorn's bind
+            self.port = _free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            with open(self.log, "w") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", str(REPO / "supervisely" / "serve" / "src"),
+                     "--host", "127.0.0.1", "--port", str(self.port)],
+                    cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if self._wait_until_deployed():
+                return
+            if "address already in use" not in self.log.read_text().lower():
+                break
+        self.stop()
+        pytest.fail(f"the server did not start:\n{self.log.read_text()[-4000:]}")
+
+    def _wait_until_deployed(self) -> bool:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                if requests.post(f"{self.url}/is_deployed", timeout=5).json().get("deployed"):
+                    return True
+            except (requests.ConnectionError, requests.Timeout, ValueError):
+                pass
+            time.sleep(0.5)
+        return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def post(self, route: str, **kwargs) -> requests.Response:
+        return requests.post(f"{self.url}/{route}", timeout=120, **kwargs)
+
+    def infer(self, data: bytes, name: str = "image.png", settings: dict | None = None) -> requests.Response:
+        form = {"settings": json.dumps({"settings": settings or {}})}
+        return self.post("inference_image", files={"files": (name, data)}, data=form)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve") / "run"
+    make_run(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(run, tmp_path_factory):
+    server = Server(run, tmp_path_factory.mktemp("server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def predictor(run):
+    return load_predictor(run, "cpu")  # what the server loads: best checkpoint, default fast path
+
+
+@pytest.fixture(scope="module")
+def meta(server) -> sly.ProjectMeta:
+    return sly.ProjectMeta.from_json(server.post("get_output_classes_and_tags").json())
+
+
+def _mask_of(ann_json: dict, meta: sly.ProjectMeta) -> np.ndarray:
+    """The class-index mask an annotation describes (labels painted onto __bg__)."""
+    ann = sly.Annotation.from_json(ann_json, meta)
+    mask = np.zeros(ann.img_size, np.uint8)
+    for label in ann.labels:
+        assert label.obj_class.name != "__bg__"
+        label.geometry.draw(mask, meta.obj_classes.keys().index(label.obj_class.name))
+    return mask
+
+
+def _png(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def _synthetic(height: int, width: int, seed: int) -> np.ndarray:
+    """Smooth blobs rather than noise: a model's output then has regions, not salt and pepper."""
+    small = np.random.default_rng(seed).integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), np.uint8)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def _assert_agrees(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == expected.shape
+    assert (got == expected).mean() >= 0.999  # bf16 kernels may split a near-tie differently between processes
+
+
+def test_session_info_and_classes(server, run):
+    info = server.post("get_session_info").json()
+    assert info["model_name"] == "UNet" and info["checkpoint_name"] == "model_001_best.pth"
+    assert info["number_of_classes"] == len(CLASSES) and info["task type"] == "semantic segmentation"
+    assert info["input_size"] == {"height": 64, "width": 64} and info["device"] == "cpu"
+    assert info["batch_inference_support"] is True and info["inference_modes"] == ["whole", "sliding"]
+    classes = server.post("get_output_classes_and_tags").json()["classes"]
+    # the run's class order and colours, every class a bitmap
+    assert [(c["title"], c["shape"], c["color"]) for c in classes] == [
+        (name, "bitmap", sly.color.rgb2hex(color)) for name, _, color in CLASSES]
+    assert server.post("get_custom_inference_settings").json()["settings"] == {
+        "mode": "whole", "overlap": 0.25, "tile_batch_size": 4}
+
+
+def test_every_lemons_image_is_predicted_at_its_size(server, meta, predictor):
+    for path in lemons_images():
+        response = server.post("inference_image", files={"files": (path.name, path.read_bytes())})
+        assert response.status_code == 200, response.text
+        image = read_image_rgb(path)
+        ann = response.json()["annotation"]
+        assert (ann["size"]["height"], ann["size"]["width"]) == image.shape[:2]
+        for obj in ann["objects"]:  # every bitmap lies inside the image
+            origin_x, origin_y = obj["bitmap"]["origin"]
+            bitmap = sly.Bitmap.base64_2_data(obj["bitmap"]["data"])
+            assert origin_y + bitmap.shape[0] <= image.shape[0] and origin_x + bitmap.shape[1] <= image.shape[1]
+        _assert_agrees(_mask_of(ann, meta), predictor.masks([image])[0])
+
+
+def test_batch_route_answers_each_image_like_the_single_route(server, meta):
+    images = [_synthetic(90, 130, 1), _synthetic(64, 64, 2), _synthetic(200, 150, 3)]
+    files = [("files", (f"{i}.png", _png(image))) for i, image in enumerate(images)]
+    response = server.post("inference_batch", files=files, data={"settings": json.dumps({"batch_size": 2})})
+    assert response.status_code == 200, response.text
+    results = response.json()
+    assert len(results) == len(images)
+    for image, result in zip(images, results):
+        single = server.infer(_png(image)).json()["annotation"]
+        assert result["annotation"]["size"] == {"height": image.shape[0], "width": image.shape[1]}
+        _assert_agrees(_mask_of(result["annotation"], meta), _mask_of(single, meta))
+
+
+def test_sliding_window_on_a_large_image(server, meta, predictor):
+    image = _synthetic(200, 330, 4)  # 3 x 5 training sizes: 4 x 7 tiles of 64x64 at full resolution
+    settings = {"mode": "sliding", "overlap": 0.3, "tile_batch_size": 16}
+    response = server.infer(_png(image), settings=settings)
+    assert response.status_code == 200, response.text
+    sliding = _mask_of(response.json()["annotation"], meta)
+    assert sliding.shape == image.shape[:2]
+    _assert_agrees(sliding, predictor.masks([image], "sliding", overlap=0.3)[0])
+    whole = _mask_of(server.infer(_png(image)).json()["annotation"], meta)
+    assert (whole != sliding).any()  # the setting reached the model: a different computation
+
+
+def _truncated_jpeg() -> bytes:
+    data = cv2.imencode(".jpg", _synthetic(120, 160, 5))[1].tobytes()
+    return data[: len(data) * 2 // 3]
+
+
+BAD_REQUESTS = {
+    "not an image": ({"files": ("notes.txt", b"just some text, no pixels")}, {}, "notes.txt: not a readable image"),
+    "empty file": ({"files": ("empty.jpg", b"")}, {}, "empty.jpg: empty file"),
+    "truncated jpeg": ({"files": ("cut.jpg", _truncated_jpeg())}, {}, "cut.jpg: truncated JPEG"),
+    "absurd dimensions": ({"files": ("huge.png", png_declaring(200_000, 150_000))}, {},
+                          "huge.png: image of 200000x150000 pixels is larger than the limit"),
+    "unknown setting": (None, {"settings": {"confidence": 0.5}}, "unknown inference setting(s) 'confidence'"),
+    "bad mode": (None, {"settings": {"mode": "tiles"}}, "mode must be one of whole, sliding"),
+    "bad overlap": (None, {"settings": {"mode": "sliding", "overlap": 1.5}}, "overlap must be a number in [0, 1)"),
+    "settings outside 'settings'": (None, {"mode": "sliding"}, "unknown request key(s) 'mode'"),
+    "settings not json": (None, "{mode: sliding", "settings is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_400_with_a_message_and_the_server_keeps_serving(server, case):
+    files, state, message = BAD_REQUESTS[case]
+    files = files or {"files": ("fine.png", _png(_synthetic(48, 48, 6)))}
+    form = {"settings": state if isinstance(state, str) else json.dumps(state)}
+    for route in ("inference_image", "inference_batch"):
+        response = server.post(route, files=files, data=form)
+        assert response.status_code == 400, (route, response.status_code, response.text[:500])
+        assert message in response.json()["message"], response.text
+    assert server.infer(_png(_synthetic(48, 48, 7))).status_code == 200
+
+
+def test_two_files_for_the_single_image_route(server):
+    image = _png(_synthetic(48, 48, 8))
+    response = server.post("inference_image", files=[("files", ("a.png", image)), ("files", ("b.png", image))])
+    assert response.status_code == 400 and "Only one file expected" in response.json()["message"]
+
+
+def test_eight_concurrent_clients(server, meta):
+    images = [_synthetic(60 + 20 * i, 90 + 10 * i, 10 + i) for i in range(8)]
+    payloads = [_png(image) for image in images]
+    expected = [_mask_of(server.infer(p).json()["annotation"], meta) for p in payloads]
+
+    def client(number: int) -> list[tuple[int, int, np.ndarray]]:
+        answers = []
+        with requests.Session() as session:
+            for request in range(10):
+                which = (number + request) % len(images)
+                response = session.post(f"{server.url}/inference_image", timeout=120,
+                                        files={"files": (f"{which}.png", payloads[which])})
+                assert response.status_code == 200, response.text
+                answers.append((which, _mask_of(response.json()["annotation"], meta)))
+        return answers
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [a for client_answers in pool.map(client, range(8)) for a in client_answers]
+    assert len(answers) == 80
+    for which, mask in answers:
+        _assert_agrees(mask, expected[which])
+
+
+def test_only_the_requested_classes_are_answered(server, meta):
+    image = _png(_synthetic(120, 160, 9))
+    everything = server.infer(image).json()["annotation"]
+    assert {o["classTitle"] for o in everything["objects"]} == {"lemon", "kiwi"}
+    only_kiwi = server.infer(image, settings={"classes": ["kiwi"]}).json()["annotation"]
+    assert [o["classTitle"] for o in only_kiwi["objects"]] == ["kiwi"]
+    assert only_kiwi["objects"] == [o for o in everything["objects"] if o["classTitle"] == "kiwi"]
+
+
+class TeamFiles(ThreadingHTTPServer):
+    """Loopback stand-in for the platform's Team Files API: the two calls the app makes
+    (``file-storage.list`` for existence, ``file-storage.download``), answered from a local folder."""
+
+    def __init__(self, root: Path):
+        self.root, self.calls = root, []
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            method = self.path.split("/public/api/v3/")[-1]
+            self.server.calls.append((method, body.get("teamId"), body.get("path")))
+            local = self.server.root / body.get("path", "").lstrip("/")
+            if method == "file-storage.list":
+                found = [{"path": body["path"], "name": local.name}] if local.is_file() else []
+                self._answer(json.dumps(found).encode(), "application/json")
+            elif method == "file-storage.download" and local.is_file():
+                self._answer(local.read_bytes(), "application/octet-stream")
+            else:
+                self.send_error(404)
+
+        def _answer(self, data: bytes, content_type: str):
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+
+def test_on_the_platform_the_checkpoint_and_run_info_come_from_team_files(run, tmp_path):
+    storage = tmp_path / "storage"
+    shutil.copytree(run, storage / "unet" / "7_lemons")
+    team_files = TeamFiles(storage)
+    remote = "/unet/7_lemons/checkpoints/model_001_best.pth"
+    platform = {"SERVER_ADDRESS": f"http://127.0.0.1:{team_files.server_port}", "API_TOKEN": "token",
+                "TEAM_ID": "5", "modal.state.slyFile": remote, "modal.state.device": "cpu"}
+    server = Server(None, tmp_path / "app", platform)
+    try:
+        assert server.post("get_session_info").json()["checkpoint_name"] == "model_001_best.pth"
+        assert [c["title"] for c in server.post("get_output_classes_and_tags").json()["classes"]] == [
+            name for name, _, _ in CLASSES]
+        downloads = {path for method, team, path in team_files.calls if method == "file-storage.download"}
+        assert downloads == {remote, "/unet/7_lemons/info/ui_state.json", "/unet/7_lemons/info/model_classes.json"}
+        assert all(team == 5 for _, team, _ in team_files.calls)
+    finally:
+        server.stop()
+    (storage / "unet" / "7_lemons" / "info" / "model_classes.json").unlink()
+    with pytest.raises(pytest.fail.Exception, match="/unet/7_lemons/info/model_classes.json not found"):
+        Server(None, tmp_path / "app2", platform)
+    team_files.shutdown()
