@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -98,7 +99,7 @@ class TrainStep(Step):
         ui_state = {**train.ui_state_from_args(args, model_classes), "settings": settings,
                     "widgets": json.loads(json.dumps(dict(StateJson()), default=str))}
         self._clear()
-        self.command.set("python custom_net/train.py " + " ".join(argv), status="text")
+        self._show_command(argv)
         run = self.run = Run(argv)
         run.worker = threading.Thread(target=self._train, args=(run, ui_state), name="unet-train", daemon=True)
         run.follower = threading.Thread(target=self._follow, args=(run,), name="unet-follow", daemon=True)
@@ -238,7 +239,12 @@ class TrainStep(Step):
     # ---- restart
     def on_unlock(self):
         self._clear()
+        self._show_command(settings_to_argv(self.settings()))
         self.train.enable()
+
+    def _show_command(self, argv):
+        """The same run from a terminal (and what the tests parse back)."""
+        self.command.set("python custom_net/train.py " + shlex.join(argv), status="text")
 
     def reset(self):
         self._clear()
