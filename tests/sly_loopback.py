@@ -127,7 +127,7 @@ class LoopbackPlatform:
         self.project_name = "empty"
         if project_dir is None:
             return
-        project = sly.read_project(str(project_dir))
+        project = sly.Project(str(project_dir), sly.OpenMode.READ)
         self.project_name = project.name
         self.meta_json = project.meta.to_json()
         next_image_id = 1000
