@@ -90,13 +90,10 @@ class LoopbackPlatform:
             "projects.info": self._projects_info, "projects.meta": self._projects_meta,
             "datasets.list": self._datasets_list, "datasets.info": self._datasets_info,
             "images.list": self._images_list, "images.bulk.download": self._images_bulk_download,
-            "images.download": self._images_download,
-            "annotations.list": self._annotations_list, "annotations.bulk.info": self._annotations_bulk,
+            "annotations.bulk.info": self._annotations_bulk,
             "file-storage.list": self._files_list, "file-storage.bulk.upload": self._files_upload,
-            "file-storage.info": self._files_info, "file-storage.exists": self._files_exists,
             "file-storage.download": self._files_download,
             "tasks.output.set": self._task_output, "tasks.data.set": self._task_data,
-            "users.me": lambda c: (200, {"id": 1, "login": "tester", "name": "tester", "email": None}),
         }
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._request_handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -183,9 +180,6 @@ class LoopbackPlatform:
         entities = [self._image_info(i, img) for i, img in self._dataset_images(ds_id).items()]
         return 200, {"total": len(entities), "perPage": 500, "pagesCount": 1, "entities": entities}
 
-    def _images_download(self, call):
-        return 200, self.images[call.body["id"]]["bytes"]
-
     def _images_bulk_download(self, call):
         """multipart/mixed, one part per image, named by image id (as the platform answers)."""
         boundary = "loopbackboundary"
@@ -201,11 +195,6 @@ class LoopbackPlatform:
         return [{"imageId": i, "imageName": self.images[i]["name"], "datasetId": self.images[i]["dataset_id"],
                  "annotation": self.images[i]["ann"], "createdAt": "2026-01-01T00:00:00.000Z",
                  "updatedAt": self.updated_at} for i in ids]
-
-    def _annotations_list(self, call):
-        ds_id = call.body.get("datasetId")
-        entities = self._annotations(list(self._dataset_images(ds_id)))
-        return 200, {"total": len(entities), "perPage": 500, "pagesCount": 1, "entities": entities}
 
     def _annotations_bulk(self, call):
         return 200, self._annotations(call.body["imageIds"])
@@ -235,13 +224,6 @@ class LoopbackPlatform:
         entries += [_info(FileApi, id=0, name=Path(f).name, path=f, type="folder", teamId=self.team_id)
                     for f in sorted(folders)]
         return 200, entries
-
-    def _files_exists(self, call):
-        return 200, {"result": call.body.get("path") in self.files}
-
-    def _files_info(self, call):
-        path = call.body.get("path")
-        return (200, self._file_info(path)) if path in self.files else (200, None)
 
     def _files_download(self, call):
         path = call.body.get("path")

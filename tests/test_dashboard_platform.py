@@ -61,7 +61,11 @@ def test_train_and_upload_the_artifact_tree(app, platform):
               s02_val_datasets={"value": ["ds_b"]})
     assert app.status(2) == ("success", "Training set: 6 image(s), validation set: 4 image(s).")
     app.click("s03_apply")
-    app.click("s04_apply", s04_mode={"value": "none"})
+    app.click("s04_apply", s04_mode={"value": "custom"}, s04_custom_path={"value": "/augs/missing.json"})
+    assert app.status(4) == ("error", "Team Files: /augs/missing.json not found")
+    flip = {"pipeline": [{"category": "flip", "name": "Fliplr", "params": {"p": 0.5}}], "random_order": False}
+    platform.files["/augs/flip.json"] = json.dumps(flip).encode()  # a custom config in Team Files
+    app.click("s04_apply", s04_mode={"value": "custom"}, s04_custom_path={"value": "/augs/flip.json"})
     app.click("s05_apply", s05_model={"selectedRow": 0}, s05_weights={"value": "none"})
     app.click("s06_apply", s06_input_height={"value": "64"}, s06_input_width={"value": "64"},
               s06_epochs={"value": "1"}, s06_batch_size={"value": "4"}, s06_gpu_id={"value": "cpu"},
@@ -80,6 +84,7 @@ def test_train_and_upload_the_artifact_tree(app, platform):
     for name in ("checkpoints/model_001_best.pth", "info/ui_state.json", "info/model_classes.json", "open_app.lnk"):
         assert name in uploaded, name
     assert json.loads(uploaded["info/ui_state.json"])["widgets"]["s06_experiment"]["value"] == "exp"
+    assert json.loads(uploaded["info/augs_config.json"]) == flip
     assert uploaded["open_app.lnk"].decode().strip() == f"{platform.url}/apps/sessions/{TASK_ID}"
     upload = app.data()["s07_upload"]
     assert upload["percent"] == 100
