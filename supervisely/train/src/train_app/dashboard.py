@@ -27,6 +27,7 @@ class Dashboard:
         mode = Text(f"Mode: <b>{env.mode}</b>" + ("" if env.platform else f", results in {env.results_dir}"),
                     status="info", widget_id="app_mode")
         self.app = sly.Application(layout=Container([mode, *(s.card for s in self.steps)]))
+        self.app.call_before_shutdown(self.train_step.shutdown)
 
     @classmethod
     def from_env(cls) -> "Dashboard":

@@ -9,8 +9,9 @@ from custom_net.sly_integration import check_setting, settings_to_argv
 from custom_net.train import ArgsError, build_parser, parse_args
 from train_app.wizard import Step
 
-# The options this card shows, by section. A new engine option goes into one of these lists, or into
-# SET_ELSEWHERE (a test checks that every option of build_parser() is in exactly one place).
+# The options this card shows, by section. A new engine option goes into one of these lists (new groups,
+# such as evaluation switches, get a section of their own), or into SET_ELSEWHERE; the dashboard tests
+# check that every option of build_parser() has a place.
 SECTIONS = [
     ("Input size", ["input_height", "input_width"]),
     ("Training", ["epochs", "batch_size", "loss", "jaccard_weight", "class_weights", "seed", "amp", "channels_last"]),
@@ -19,6 +20,8 @@ SECTIONS = [
                                 "warmup_epochs", "min_lr"]),
     ("Validation and checkpoints", ["val_interval", "best_metric", "checkpoint_interval", "max_keep_ckpts",
                                     "save_best", "save_last"]),
+    # gpu_id is a text field for now; a device selector (multi-GPU, torchrun: issue #6) replaces its widget
+    # in _widget() and adds its options here.
     ("System", ["gpu_id", "num_workers", "metrics_period", "vis_count", "vis_interval"]),
 ]
 SET_ELSEWHERE = {

@@ -63,7 +63,8 @@ class TrainStep(Step):
         self.preview_epoch = Select([], placeholder="epoch", widget_id=self.wid("preview_epoch"))
         self.gallery = GridGallery(2, show_opacity_slider=False, widget_id=self.wid("gallery"))
         self.log = Text("", status="text", widget_id=self.wid("log"))
-        self.results = Text("", status="text", widget_id=self.wid("results"))  # best metrics (issue #8 extends)
+        # Best checkpoint and its metrics; the place for the headline evaluation metrics (issue #8).
+        self.results = Text("", status="text", widget_id=self.wid("results"))
         self.location = Text("", status="success", widget_id=self.wid("location"))
         self.location.hide()
         self.action(self.train)(self._start)
@@ -267,3 +268,9 @@ class TrainStep(Step):
     @property
     def busy(self) -> bool:
         return self.run is not None and self.run.running
+
+    def shutdown(self, timeout: float = 120) -> None:
+        """The app is stopping: end a running training cleanly, so its last checkpoint is saved."""
+        if self.run is not None and self.run.worker.is_alive():
+            self.run.reporter.request_stop()
+            self.run.worker.join(timeout)
