@@ -28,7 +28,8 @@ class Environment:
         if os.environ.get("SERVER_ADDRESS") and os.environ.get("API_TOKEN"):
             return cls(platform=True, data_dir=data_dir, api=sly.Api.from_env(),
                        team_id=sly.env.team_id(), workspace_id=sly.env.workspace_id(raise_not_found=False),
-                       project_id=sly.env.project_id(), task_id=sly.env.task_id(raise_not_found=False))
+                       project_id=sly.env.project_id(raise_not_found=False),  # step 01 explains when missing
+                       task_id=sly.env.task_id(raise_not_found=False))
         project = os.environ.get("UNET_PROJECT_DIR")
         return cls(platform=False, data_dir=data_dir,
                    project_dir=Path(project).expanduser().resolve() if project else None,

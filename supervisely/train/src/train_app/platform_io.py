@@ -16,6 +16,8 @@ CACHE_MARKER = ".unet_download.json"
 def download_project(env: Environment, progress: Callable[[int, int], None]) -> tuple[Path, bool]:
     """The project in ``data_dir/projects/<id>``; downloaded only when the cached copy is older than the
     project on the platform. Returns (folder, downloaded). ``progress(done, total)`` counts images."""
+    if env.project_id is None:
+        raise ValueError("no project: start the app from an image project's context menu")
     info = env.api.project.get_info_by_id(env.project_id)
     if info is None:
         raise ValueError(f"project {env.project_id} not found on the platform")

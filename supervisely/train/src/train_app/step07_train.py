@@ -104,11 +104,11 @@ class TrainStep(Step):
         run = self.run = Run(argv)
         run.worker = threading.Thread(target=self._train, args=(run, ui_state), name="unet-train", daemon=True)
         run.follower = threading.Thread(target=self._follow, args=(run,), name="unet-follow", daemon=True)
-        run.worker.start()
-        run.follower.start()
-        self.train.disable()
+        self.train.disable()  # before the threads: a run that fails at once re-enables it
         self.phase.set("running", status="info")
         self.info("Training started.")
+        run.worker.start()
+        run.follower.start()
 
     def _stop(self):
         if self.run is None or not self.run.worker.is_alive():
@@ -213,7 +213,13 @@ class TrainStep(Step):
         env = self.session.env
         if env.platform:
             self.phase.set("uploading", status="info")
-            run.location = self._upload(output)
+            try:
+                run.location = self._upload(output)
+            except Exception as e:  # the run itself is fine: say where it is
+                logger.error("upload failed:\n%s", traceback.format_exc())
+                self.phase.set("upload failed", status="error")
+                return self.error(f"Uploading the artifacts failed ({type(e).__name__}: {e}); "
+                                  f"they are kept in {output} on the agent.")
         else:
             run.location = str(output)
         self.location.set(f"Artifacts: {run.location}", status="success")
