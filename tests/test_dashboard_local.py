@@ -183,6 +183,23 @@ def test_stop_ends_cleanly_with_the_last_checkpoint(app):
     assert app.status(7) == ("error", "Nothing to stop: training is not running.")
 
 
+def test_engine_errors_at_train_time_are_shown(app, tmp_path):
+    """Input only the engine can judge (here: custom weights that are no state dict) fails the run
+    with the engine's message; the app stays up and can train again after a restart."""
+    garbage = tmp_path / "model_001.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    app.click("s05_restart")
+    app.click("s05_apply", s05_model={"selectedRow": 0}, s05_weights={"value": "custom"},
+              s05_custom_path={"value": str(garbage)})
+    assert app.status(5) == ("success", "UNet, custom weights.")
+    app.click("s06_apply", **TINY, s06_experiment={"value": "broken"})
+    app.click("s07_train")
+    assert app.wait_phase() == "failed"
+    assert app.status(7) == ("error", f"--custom-weights: {garbage} is not a PyTorch state dict")
+    assert not (app.results / "broken").exists()  # nothing written for a run that could not start
+    assert not app.data()["s07_train"]["disabled"]
+
+
 def test_restart_from_an_early_step_locks_the_later_ones(app):
     app.click("s02_restart")
     state = app.state()

@@ -3,7 +3,7 @@ download by project id (cached), upload of the artifact tree to Team Files, task
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import shutil
 
 import pytest
 
@@ -14,8 +14,14 @@ TASK_ID = 4242
 
 
 @pytest.fixture(scope="module")
-def platform(tiny_project):
-    with LoopbackPlatform(tiny_project) as platform:
+def platform(tiny_project, tmp_path_factory):
+    """The tiny project plus a point class (no area: must not be selectable in step 03)."""
+    project = tmp_path_factory.mktemp("platform_project") / "tiny"
+    shutil.copytree(tiny_project, project)
+    meta = json.loads((project / "meta.json").read_text())
+    meta["classes"].append({"title": "keypoint", "shape": "point", "color": "#00FF00"})
+    (project / "meta.json").write_text(json.dumps(meta))
+    with LoopbackPlatform(project) as platform:
         yield platform
 
 
@@ -60,7 +66,11 @@ def test_train_and_upload_the_artifact_tree(app, platform):
     app.click("s02_apply", s02_method={"value": "datasets"}, s02_train_datasets={"value": ["ds_a"]},
               s02_val_datasets={"value": ["ds_b"]})
     assert app.status(2) == ("success", "Training set: 6 image(s), validation set: 4 image(s).")
+    rows = [row[0]["data"] for row in app.data()["s03_table"]["table_data"]]
+    assert sorted(rows) == ["box", "disk", "triangle"]  # the point class is not offered
+    assert "Not selectable, no area: keypoint (point)." in app.text("s03_notes")
     app.click("s03_apply")
+    assert app.status(3)[0] == "success" and "disk, triangle, box" in app.status(3)[1]
     app.click("s04_apply", s04_mode={"value": "custom"}, s04_custom_path={"value": "/augs/missing.json"})
     assert app.status(4) == ("error", "Team Files: /augs/missing.json not found")
     flip = {"pipeline": [{"category": "flip", "name": "Fliplr", "params": {"p": 0.5}}], "random_order": False}
