@@ -112,8 +112,8 @@ def check_setting(dest: str, value) -> tuple[object, str | None]:
     multiple = action.nargs in ("+", "*")
     if multiple:
         items = value.split() if isinstance(value, str) else list(value or [])
-        if not items:
-            return ([], None) if action.nargs == "*" or action.default is None or action.default == [] else (None, "enter at least one value")
+        if not items:  # allowed when the engine's default is "none" too
+            return (None, "enter at least one value") if action.default not in (None, []) else ([], None)
     else:
         if value is None or (isinstance(value, str) and not value.strip()):
             return (None, None) if action.default is None else (None, "a value is required")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from supervisely.app.widgets import Button, Container, Field, Flexbox, Image, Input, OneOf, RadioGroup, Select
+from supervisely.app.widgets import Button, Field, Flexbox, Image, Input, OneOf, RadioGroup, Select
 
 from custom_net import augs, sly_seg_dataset as data
 from custom_net.preprocessing import resize_image, resize_mask
