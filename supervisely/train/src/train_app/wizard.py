@@ -23,6 +23,7 @@ class Step:
     number: int = 0
     title: str = ""
     description: str = ""
+    wizard: "Wizard"  # set by the Wizard
 
     def __init__(self, session):
         self.session = session
@@ -41,7 +42,7 @@ class Step:
         return f"s{self.number:02d}_{name}"
 
     def build(self) -> list:
-        """Create the widgets (appending editable ones to ``self.controls``); return them in layout order."""
+        """Create the widgets, set ``self.controls`` to the editable ones; return them in layout order."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -109,9 +110,12 @@ class Wizard:
             following.on_unlock()
 
     def restart_from(self, index: int) -> None:
+        if self.steps[index].card.is_locked():
+            return  # not reached yet: nothing to restart
         reason = self._can_restart()
         if reason:
             return self.steps[index].error(reason)
+        self.steps[index].session.forget_from(self.steps[index].number)
         for later_index, step in enumerate(self.steps[index:], start=index):
             step.reset()
             step.done = False
