@@ -75,8 +75,10 @@ class LoopbackPlatform:
     and one team's Team Files (a dict path -> bytes)."""
 
     def __init__(self, project_dir: str | Path | None = None, *, team_id: int = 7, workspace_id: int = 8,
-                 project_id: int = 10, token: str = "loopback-token", updated_at: str = "2026-01-01T00:00:00.000Z"):
+                 project_id: int = 10, token: str = "loopback-token", updated_at: str = "2026-01-01T00:00:00.000Z",
+                 instance_version: str = "6.14.0"):
         self.team_id, self.workspace_id, self.project_id, self.token = team_id, workspace_id, project_id, token
+        self.instance_version = instance_version
         self.updated_at = updated_at
         self.calls: list[Call] = []
         self.unknown: list[str] = []
@@ -94,6 +96,8 @@ class LoopbackPlatform:
             "file-storage.list": self._files_list, "file-storage.bulk.upload": self._files_upload,
             "file-storage.download": self._files_download,
             "tasks.output.set": self._task_output, "tasks.data.set": self._task_data,
+            # asked by the SDK when a call fails, to word its error message
+            "instance.version": lambda call: (200, {"version": self.instance_version}),
         }
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._request_handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -37,6 +37,17 @@ def app(platform, tmp_path_factory):
     server.close()
 
 
+def test_platform_errors_are_shown_on_the_card(app, platform):
+    platform.fail("projects.info", status=404)
+    app.click("s01_load")
+    assert app.status(1) == ("error", f"project {platform.project_id} not found on the platform")
+    platform.fail("projects.info", status=403)
+    app.click("s01_load")
+    status, text = app.status(1)
+    assert status == "error" and text.startswith("downloading the project failed: 403 Client Error: Forbidden")
+    assert app.state()["s02_card"]["disabled"]["disabled"]
+
+
 def test_download_by_project_id_then_cached(app, platform, tiny_project):
     app.click("s01_load")
     assert app.status(1) == ("success", "Project ready: downloaded."), app.log_tail()

@@ -1,17 +1,38 @@
 """Platform transfers: the project download (cached), Team Files inputs, the artifact upload."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
 from typing import Callable
 
+import requests
 import supervisely as sly
 
 from train_app.environment import Environment
 
 CACHE_MARKER = ".unet_download.json"
 
+
+class PlatformError(ValueError):
+    """The platform refused or could not be reached; the message says what was being done."""
+
+
+def _platform_call(what: str):
+    """Turn the SDK's HTTP errors into a PlatformError naming the operation (shown on the card)."""
+    def wrap(func):
+        @functools.wraps(func)
+        def call(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except (requests.HTTPError, requests.ConnectionError) as e:
+                raise PlatformError(f"{what} failed: {e}") from e
+        return call
+    return wrap
+
+
+@_platform_call("downloading the project")
 
 def download_project(env: Environment, progress: Callable[[int, int], None]) -> tuple[Path, bool]:
     """The project in ``data_dir/projects/<id>``; downloaded only when the cached copy is older than the
@@ -38,6 +59,7 @@ def download_project(env: Environment, progress: Callable[[int, int], None]) -> 
     return folder, True
 
 
+@_platform_call("reading Team Files")
 def fetch_team_file(env: Environment, remote_path: str) -> Path:
     """A Team Files file (custom augs config or weights) downloaded into data_dir."""
     if not env.api.file.exists(env.team_id, remote_path):
@@ -48,6 +70,7 @@ def fetch_team_file(env: Environment, remote_path: str) -> Path:
     return local
 
 
+@_platform_call("uploading the artifacts")
 def upload_artifacts(env: Environment, run_dir: Path, remote_dir: str,
                      progress: Callable[[int, int], None]) -> str:
     """Upload the run folder to Team Files and make it the task's output; returns the remote folder
