@@ -33,7 +33,6 @@ def _platform_call(what: str):
 
 
 @_platform_call("downloading the project")
-
 def download_project(env: Environment, progress: Callable[[int, int], None]) -> tuple[Path, bool]:
     """The project in ``data_dir/projects/<id>``; downloaded only when the cached copy is older than the
     project on the platform. Returns (folder, downloaded). ``progress(done, total)`` counts images."""
