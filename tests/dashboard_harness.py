@@ -4,14 +4,17 @@ singletons, so one app per process. Talks to it the way the page does: ``/sly/st
 ``/sly/data`` and widget routes with ``{"state": ..., "context": {}}``."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import requests
+from websockets.sync.client import connect
 
 REPO = Path(__file__).resolve().parent.parent
 APP_DIR = REPO / "supervisely" / "train" / "src"
@@ -93,3 +96,29 @@ class DashboardServer:
                 return phase
             time.sleep(0.5)
         raise AssertionError(f"training phase still {phase!r} after {timeout}s\n{self.log_tail()}")
+
+
+class PushListener:
+    """What the page receives on ``/sly/ws`` (JSON patches of data and state) while it is open."""
+
+    def __init__(self, server: DashboardServer):
+        self.messages: list[dict] = []
+        self._socket = connect(f"ws://127.0.0.1:{server.port}/sly/ws")
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        try:
+            for text in self._socket:
+                self.messages.append(json.loads(text))
+        except Exception:  # closed
+            pass
+
+    def paths(self) -> set[str]:
+        """The JSON-patch paths received, e.g. "/s07_loss/series/0/data/0"."""
+        return {op.get("path", "") for m in self.messages for ops in m.values() if isinstance(ops, list)
+                for op in ops if isinstance(op, dict)}
+
+    def close(self):
+        self._socket.close()
+        self._thread.join(5)

@@ -11,7 +11,7 @@ import torch
 
 from custom_net.model import model_list
 from custom_net.train import build_parser, parse_args
-from tests.dashboard_harness import DashboardServer
+from tests.dashboard_harness import DashboardServer, PushListener
 
 TINY = {"s06_input_height": {"value": "64"}, "s06_input_width": {"value": "64"}, "s06_epochs": {"value": "2"},
         "s06_batch_size": {"value": "4"}, "s06_gpu_id": {"value": "cpu"}, "s06_vis_count": {"value": "2"}}
@@ -130,10 +130,14 @@ def test_hyperparameters_are_validated_on_the_widgets(app):
 def test_full_run_to_the_end(app):
     app.click("s06_apply", **TINY, s06_num_workers={"value": "0"}, s06_experiment={"value": "full"})
     assert app.status(6)[0] == "success", app.status(6)
+    page = PushListener(app)  # the live page: pushed patches, not only what /sly/data answers
     app.click("s07_train")
     app.click("s07_train")  # a second click while the first run trains
     assert app.status(7) == ("error", "Training is already running: stop it first.")
     assert app.wait_phase() == "finished", app.status(7)
+    page.close()
+    pushed = {path.split("/")[1] for path in page.paths()}
+    assert {"s07_epochs", "s07_iterations", "s07_loss", "s07_lr", "s07_metrics", "s07_gallery", "s07_phase"} <= pushed
     data = app.data()
     run_dir = app.results / "full"
     assert data["s07_location"]["text"] == f"Artifacts: {run_dir}"
