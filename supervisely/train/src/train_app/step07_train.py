@@ -2,6 +2,7 @@
 card follows it through DashboardReporter events; artifacts are uploaded (platform) or kept (local)."""
 from __future__ import annotations
 
+import html
 import json
 import logging
 import shlex
@@ -34,6 +35,8 @@ class Run:
     summary: dict | None = None
     error: str | None = None
     iters_per_epoch: int = 1
+    epoch_bar: object = None  # tqdm-like sessions of the Progress widgets
+    iter_bar: object = None
     previews: dict = field(default_factory=dict)  # epoch -> split -> [(item name, data url)]
     messages: list[str] = field(default_factory=list)
     location: str | None = None
@@ -146,18 +149,17 @@ class TrainStep(Step):
 
     def _on_start(self, run, epochs, start_epoch, iters_per_epoch, **info):
         run.iters_per_epoch = iters_per_epoch
-        self._epoch_bar = self.epochs(message="Epochs", total=epochs, initial=start_epoch - 1)
-        self._iter_bar = None
+        run.epoch_bar = self.epochs(message="Epochs", total=epochs, initial=start_epoch - 1)
         self._log(run, f"Training {info['model']} on {info['device']} ({info['amp']}): {info['train_size']} train / "
                        f"{info['val_size']} val images, output {info['output_dir']}")
 
     def _on_epoch_start(self, run, epoch):
-        if self._iter_bar is not None:
-            self._iter_bar.close()
-        self._iter_bar = self.iterations(message=f"Epoch {epoch}: iterations", total=run.iters_per_epoch)
+        if run.iter_bar is not None:
+            run.iter_bar.close()
+        run.iter_bar = self.iterations(message=f"Epoch {epoch}: iterations", total=run.iters_per_epoch)
 
     def _on_train_step(self, run, epoch, iteration, iterations, loss, lr):
-        self._iter_bar.update(iteration - self._iter_bar.n)
+        run.iter_bar.update(iteration - run.iter_bar.n)
         x = round(epoch - 1 + iteration / iterations, 4)
         self.loss_plot.add_to_series("train", (x, loss))
         self.lr_plot.add_to_series("lr", (x, lr))
@@ -166,7 +168,7 @@ class TrainStep(Step):
         pass  # validation is short next to an epoch; the iteration bar stays full meanwhile
 
     def _on_epoch_end(self, run, epoch, **record):
-        self._epoch_bar.update(1)
+        run.epoch_bar.update(1)
         if "val_loss" in record:
             self.loss_plot.add_to_series("val", (epoch, record["val_loss"]))
             self.metrics_plot.add_to_series("IoU", (epoch, record["mean_fg_iou"]))
@@ -185,7 +187,7 @@ class TrainStep(Step):
         run.summary = summary
 
     def _log(self, run, line):
-        run.messages = (run.messages + [line])[-8:]
+        run.messages = (run.messages + [html.escape(line)])[-8:]  # the Text widget renders HTML
         self.log.set("<br>".join(run.messages), status="text")
 
     def _show_previews(self, epoch):
@@ -198,7 +200,7 @@ class TrainStep(Step):
                 self.gallery.append(url, title=f"{split}: {name}", column_index=column)
 
     def _finish(self, run: Run):
-        for bar in (getattr(self, "_iter_bar", None), getattr(self, "_epoch_bar", None)):
+        for bar in (run.iter_bar, run.epoch_bar):
             if bar is not None:
                 bar.close()
         if run.error or run.summary is None:
