@@ -61,3 +61,71 @@ class DashboardReporter(Reporter):
                 events.append(self._events.get_nowait())
             except queue.Empty:
                 return events
+
+
+# ---- dashboard settings <-> train.py argv ----------------------------------------------------
+# The dashboard collects its widget values as {parser dest: value} ("settings"); these two functions
+# are the only bridge to the engine's command line, so every engine option is reachable and
+# checked the way train.py checks it.
+
+def _options() -> dict:
+    from custom_net.train import build_parser  # late: train imports torch; the dashboard may not need it yet
+
+    return {a.dest: a for a in build_parser()._actions if a.option_strings and a.dest != "help"}
+
+
+def settings_to_argv(settings: dict) -> list[str]:
+    """argv for ``custom_net.train.main`` from {dest: value}; None, "" and [] are left out
+    (the engine's default applies)."""
+    import argparse
+
+    options = _options()
+    unknown = sorted(set(settings) - set(options))
+    if unknown:
+        raise ValueError(f"not train.py options: {', '.join(unknown)}")
+    argv: list[str] = []
+    for dest, value in settings.items():
+        action = options[dest]
+        flag = next(s for s in action.option_strings if s.startswith("--") and not s.startswith("--no-"))
+        if value is None or (isinstance(value, (str, list)) and not value):
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif action.nargs in ("+", "*"):
+            argv += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def check_setting(dest: str, value) -> tuple[object, str | None]:
+    """(typed value, None) or (None, message) for one option, by that option's own type and choices.
+
+    ``value`` may be text (as typed in a widget) or a typed value; lists may be space-separated text."""
+    import argparse
+
+    action = _options()[dest]
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+        return bool(value), None
+    multiple = action.nargs in ("+", "*")
+    if multiple:
+        items = value.split() if isinstance(value, str) else list(value or [])
+        if not items:  # allowed when the engine's default is "none" too
+            return (None, "enter at least one value") if action.default not in (None, []) else ([], None)
+    else:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return (None, None) if action.default is None else (None, "a value is required")
+        items = [value.strip() if isinstance(value, str) else value]
+    typed = []
+    for item in items:
+        try:
+            converted = action.type(str(item)) if action.type is not None else str(item)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            reason = str(e) if isinstance(e, argparse.ArgumentTypeError) else f"not a valid number: {item!r}"
+            return None, reason
+        if action.choices is not None and converted not in action.choices:
+            return None, f"choose from {', '.join(map(str, action.choices))}"
+        typed.append(converted)
+    return (typed if multiple else typed[0]), None

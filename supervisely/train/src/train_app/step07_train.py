@@ -1,0 +1,284 @@
+"""07 Train: the widget state becomes train.py's argv; the engine runs in a worker thread and the
+card follows it through DashboardReporter events; artifacts are uploaded (platform) or kept (local)."""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import shlex
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from supervisely.app import StateJson
+from supervisely.app.widgets import Button, Container, Field, Flexbox, GridGallery, LinePlot, Progress, Select, Text
+
+from custom_net import sly_seg_dataset as data, train
+from custom_net.sly_integration import DashboardReporter, settings_to_argv
+from train_app import platform_io
+from train_app.images import data_url
+from train_app.wizard import USER_ERRORS, Step
+
+logger = logging.getLogger("train_dashboard")
+ENGINE_ERRORS = (train.ArgsError, *USER_ERRORS)
+POLL_SECONDS = 0.3
+
+
+@dataclass
+class Run:
+    """One training run started from the card."""
+    argv: list[str]
+    reporter: DashboardReporter = field(default_factory=DashboardReporter)
+    worker: threading.Thread | None = None
+    follower: threading.Thread | None = None
+    summary: dict | None = None
+    error: str | None = None
+    iters_per_epoch: int = 1
+    epoch_bar: object = None  # tqdm-like sessions of the Progress widgets
+    iter_bar: object = None
+    previews: dict = field(default_factory=dict)  # epoch -> split -> [(item name, data url)]
+    messages: list[str] = field(default_factory=list)
+    location: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.follower is not None and self.follower.is_alive()
+
+
+class TrainStep(Step):
+    number, title = 7, "Training"
+    description = "Run, watch, stop; the artifacts are saved at the end"
+
+    def build(self):
+        self.run: Run | None = None
+        self.train = Button("Train", icon="zmdi zmdi-play", widget_id=self.wid("train"))
+        self.stop = Button("Stop", button_type="danger", icon="zmdi zmdi-stop", widget_id=self.wid("stop"))
+        self.phase = Text("Not started", status="text", widget_id=self.wid("phase"))  # idle/running/...
+        self.command = Text("", status="text", widget_id=self.wid("command"))
+        self.epochs = Progress(message="Epochs", show_percents=True, hide_on_finish=False, widget_id=self.wid("epochs"))
+        self.iterations = Progress(message="Iterations", show_percents=True, hide_on_finish=False,
+                                   widget_id=self.wid("iterations"))
+        self.upload = Progress(message="Uploading artifacts", show_percents=True, widget_id=self.wid("upload"))
+        self.lr_plot = LinePlot("Learning rate", [], show_legend=False, decimals_in_float=6, widget_id=self.wid("lr"))
+        self.loss_plot = LinePlot("Loss", [], widget_id=self.wid("loss"))
+        self.metrics_plot = LinePlot("Validation IoU and Dice (foreground mean)", [], widget_id=self.wid("metrics"))
+        self.preview_epoch = Select([], placeholder="epoch", widget_id=self.wid("preview_epoch"))
+        self.gallery = GridGallery(2, show_opacity_slider=False, widget_id=self.wid("gallery"))
+        self.log = Text("", status="text", widget_id=self.wid("log"))
+        # Best checkpoint and its metrics; the place for the headline evaluation metrics (issue #8).
+        self.results = Text("", status="text", widget_id=self.wid("results"))
+        self.location = Text("", status="success", widget_id=self.wid("location"))
+        self.location.hide()
+        self.action(self.train)(self._start)
+        self.action(self.stop, requires_open=False)(self._stop)
+        self.preview_epoch.value_changed(self._show_previews)
+        return [Flexbox([self.train, self.stop, self.phase]), self.command, self.epochs, self.iterations,
+                Flexbox([self.lr_plot, self.loss_plot, self.metrics_plot]),
+                Field(Container([self.preview_epoch, self.gallery]), "Predictions over time",
+                      "image | ground truth | prediction, for the train (left) and val (right) preview items"),
+                self.log, self.results, self.upload, self.location]
+
+    # ---- start / stop
+    def output_dir(self) -> Path:
+        env = self.session.env
+        if env.platform:
+            return env.data_dir / "runs" / f"{env.task_id}_{self.session.experiment}"
+        return env.results_dir / self.session.experiment
+
+    def settings(self) -> dict:
+        """Everything the steps chose, as train.py options."""
+        return {**self.session.settings(), "output": str(self.output_dir()), "reporter": "none"}
+
+    def _start(self):
+        if self.run is not None and self.run.running:
+            return self.error("Training is already running: stop it first.")
+        settings = self.settings()
+        argv = settings_to_argv(settings)
+        try:
+            args = train.parse_args(argv)
+        except train.ArgsError as e:
+            raise ValueError(str(e)) from None
+        model_classes = data.build_model_classes(self.session.project.meta, args.classes)
+        ui_state = {**train.ui_state_from_args(args, model_classes), "settings": settings,
+                    "widgets": json.loads(json.dumps(dict(StateJson()), default=str))}
+        self._clear()
+        self._show_command(argv)
+        run = self.run = Run(argv)
+        run.worker = threading.Thread(target=self._train, args=(run, ui_state), name="unet-train", daemon=True)
+        run.follower = threading.Thread(target=self._follow, args=(run,), name="unet-follow", daemon=True)
+        self.train.disable()  # before the threads: a run that fails at once re-enables it
+        self.phase.set("running", status="info")
+        self.info("Training started.")
+        run.worker.start()
+        run.follower.start()
+
+    def _stop(self):
+        if self.run is None or not self.run.worker.is_alive():
+            return self.error("Nothing to stop: training is not running.")
+        self.run.reporter.request_stop()
+        self.phase.set("stopping", status="warning")
+        self.info("Stopping: the current epoch ends early and the last checkpoint is saved.")
+
+    def _train(self, run: Run, ui_state: dict):
+        try:
+            run.summary = train.main(run.argv, reporter=run.reporter, ui_state=ui_state)
+        except ENGINE_ERRORS as e:
+            run.error = str(e)
+        except Exception as e:
+            logger.error("training failed:\n%s", traceback.format_exc())
+            run.error = f"Training failed: {type(e).__name__}: {e}"
+
+    # ---- following the run
+    def _follow(self, run: Run):
+        try:
+            while True:
+                alive = run.worker.is_alive()
+                for name, payload in run.reporter.drain():
+                    getattr(self, f"_on_{name}")(run, **payload)
+                if not alive:
+                    break
+                run.worker.join(POLL_SECONDS)
+            self._finish(run)
+        except Exception as e:
+            logger.error("dashboard update failed:\n%s", traceback.format_exc())
+            self.phase.set("failed", status="error")
+            self.error(f"Unexpected error: {type(e).__name__}: {e}")
+        finally:
+            self.train.enable()
+
+    def _on_start(self, run, epochs, start_epoch, iters_per_epoch, **info):
+        run.iters_per_epoch = iters_per_epoch
+        run.epoch_bar = self.epochs(message="Epochs", total=epochs, initial=start_epoch - 1)
+        self._log(run, f"Training {info['model']} on {info['device']} ({info['amp']}): {info['train_size']} train / "
+                       f"{info['val_size']} val images, output {info['output_dir']}")
+
+    def _on_epoch_start(self, run, epoch):
+        if run.iter_bar is not None:
+            run.iter_bar.close()
+        run.iter_bar = self.iterations(message=f"Epoch {epoch}: iterations", total=run.iters_per_epoch)
+
+    def _on_train_step(self, run, epoch, iteration, iterations, loss, lr):
+        run.iter_bar.update(iteration - run.iter_bar.n)
+        x = round(epoch - 1 + iteration / iterations, 4)
+        self.loss_plot.add_to_series("train", (x, loss))
+        self.lr_plot.add_to_series("lr", (x, lr))
+
+    def _on_val_progress(self, run, epoch, done, total):
+        pass  # validation is short next to an epoch; the iteration bar stays full meanwhile
+
+    def _on_epoch_end(self, run, epoch, **record):
+        run.epoch_bar.update(1)
+        if "val_loss" in record:
+            self.loss_plot.add_to_series("val", (epoch, record["val_loss"]))
+            self.metrics_plot.add_to_series("IoU", (epoch, record["mean_fg_iou"]))
+            self.metrics_plot.add_to_series("Dice", (epoch, record["mean_fg_dice"]))
+
+    def _on_previews(self, run, epoch, split, images):
+        run.previews.setdefault(epoch, {})[split] = [(name, data_url(panel)) for name, panel in images]
+        self.preview_epoch.set([Select.Item(e, f"epoch {e}") for e in sorted(run.previews)])
+        self.preview_epoch.set_value(epoch)
+        self._show_previews(epoch)
+
+    def _on_message(self, run, level, text):
+        self._log(run, f"[{level}] {text}")
+
+    def _on_finish(self, run, **summary):
+        run.summary = summary
+
+    def _log(self, run, line):
+        run.messages = (run.messages + [html.escape(line)])[-8:]  # the Text widget renders HTML
+        self.log.set("<br>".join(run.messages), status="text")
+
+    def _show_previews(self, epoch):
+        run = self.run
+        if run is None or epoch not in run.previews:
+            return
+        self.gallery.clean_up()
+        for column, split in enumerate(("train", "val")):
+            for name, url in run.previews[epoch].get(split, []):
+                self.gallery.append(url, title=f"{split}: {name}", column_index=column)
+
+    def _finish(self, run: Run):
+        for bar in (run.iter_bar, run.epoch_bar):
+            if bar is not None:
+                bar.close()
+        if run.error or run.summary is None:
+            self.phase.set("failed", status="error")
+            return self.error(run.error or "Training ended without a summary.")
+        summary = run.summary
+        output = Path(summary["output_dir"])
+        best = summary.get("best")
+        if best:
+            self.results.set(f"Best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}: "
+                             f"{Path(best['checkpoint']).name}", status="text")
+        env = self.session.env
+        if env.platform:
+            self.phase.set("uploading", status="info")
+            try:
+                run.location = self._upload(output)
+            except Exception as e:  # the run itself is fine: say where it is
+                logger.error("upload failed:\n%s", traceback.format_exc())
+                self.phase.set("upload failed", status="error")
+                return self.error(f"Uploading the artifacts failed ({type(e).__name__}: {e}); "
+                                  f"they are kept in {output} on the agent.")
+        else:
+            run.location = str(output)
+        self.location.set(f"Artifacts: {run.location}", status="success")
+        self.location.show()
+        self.phase.set(summary["status"], status="success")
+        self.wizard.complete(self, f"Training {summary['status']} after epoch {summary['last_epoch']} of "
+                                   f"{summary['epochs']}.")
+
+    def _upload(self, output: Path) -> str:
+        env = self.session.env
+        (output / "open_app.lnk").write_text(f"{env.api.server_address}/apps/sessions/{env.task_id}\n")
+        bar = [None]
+
+        def progress(done, total):
+            if bar[0] is None:
+                bar[0] = self.upload(message="Uploading artifacts", total=total, unit="B", unit_scale=True)
+            bar[0].update(done - bar[0].n)
+
+        remote = platform_io.upload_artifacts(env, output, f"/unet/{env.task_id}_{self.session.experiment}/", progress)
+        if bar[0] is not None:
+            bar[0].close()
+        return remote
+
+    # ---- restart
+    def on_unlock(self):
+        self._clear()
+        self._show_command(settings_to_argv(self.settings()))
+        self.train.enable()
+
+    def _show_command(self, argv):
+        """The same run from a terminal (and what the tests parse back)."""
+        self.command.set("python custom_net/train.py " + shlex.join(argv), status="text")
+
+    def reset(self):
+        self._clear()
+        self.command.set("", status="text")
+        self.run = None
+
+    def _clear(self):
+        for plot, series in ((self.lr_plot, ["lr"]), (self.loss_plot, ["train", "val"]),
+                             (self.metrics_plot, ["IoU", "Dice"])):
+            plot.clean_up()
+            for name in series:  # add_to_series needs the series to exist
+                plot.add_series(name, [], [])
+        self.gallery.clean_up()
+        self.preview_epoch.set([Select.Item(0, "no previews yet")])
+        self.log.set("", status="text")
+        self.results.set("", status="text")
+        self.phase.set("Not started", status="text")
+        self.location.hide()
+
+    @property
+    def busy(self) -> bool:
+        return self.run is not None and self.run.running
+
+    def shutdown(self, timeout: float = 120) -> None:
+        """The app is stopping: end a running training cleanly, so its last checkpoint is saved."""
+        if self.run is not None and self.run.worker.is_alive():
+            self.run.reporter.request_stop()
+            self.run.worker.join(timeout)

@@ -1,0 +1,309 @@
+"""A Supervisely server on 127.0.0.1 for tests: answers the REST calls the SDK makes to download an
+image project and to upload a folder to Team Files, and records every call.
+
+    with LoopbackPlatform(project_dir) as platform:
+        api = sly.Api(platform.url, platform.token)
+        sly.download_project(api, platform.project_id, "dest")
+        api.file.upload_directory(platform.team_id, "local_dir", "/unet/1_exp/")
+        platform.files            # {"/unet/1_exp/a.txt": b"..."}: what arrived in Team Files
+        platform.calls            # [Call(method, query, body), ...] in order
+
+Only what the SDK needs is implemented (methods named as in ``POST /public/api/v3/<method>``); an
+unknown method answers 404 and is listed in ``platform.unknown``. Fault injection for other tests:
+``platform.fail("images.bulk.download", status=500, times=2)`` answers the next two such calls
+with that status; ``platform.handlers[method] = fn(platform, call) -> (status, body)`` replaces
+or adds a method.
+"""
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import supervisely as sly
+from supervisely.api.dataset_api import DatasetApi
+from supervisely.api.file_api import FileApi
+from supervisely.api.image_api import ImageApi
+from supervisely.api.project_api import ProjectApi
+
+API_PREFIX = "/public/api/v3/"
+
+
+@dataclass
+class Call:
+    method: str
+    query: dict
+    body: object  # parsed JSON, or {"fields": {...}, "files": {name: bytes}} for multipart
+    headers: dict = field(default_factory=dict)
+
+
+def _info(api_class, **values) -> dict:
+    """An entity in the server's JSON form: every field the SDK's info type reads, then ``values``."""
+    out: dict = {}
+    for name in api_class.info_sequence():
+        if isinstance(name, tuple):  # nested field: (("meta", "x"), "alias")
+            path = name[0]
+            node = out
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node.setdefault(path[-1], None)
+        else:
+            out.setdefault(name, None)
+    out.update(values)
+    return out
+
+
+def _multipart(content_type: str, body: bytes) -> list[tuple[str, str | None, bytes]]:
+    """(field name, file name, payload) of a multipart/form-data body, in order."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    parts = []
+    for part in message.iter_parts():
+        params = dict(part.get_params(header="content-disposition")[1:])
+        parts.append((params.get("name"), params.get("filename"), part.get_payload(decode=True)))
+    return parts
+
+
+class LoopbackPlatform:
+    """A fake platform holding one image project (read from a local Supervisely project folder)
+    and one team's Team Files (a dict path -> bytes)."""
+
+    def __init__(self, project_dir: str | Path | None = None, *, team_id: int = 7, workspace_id: int = 8,
+                 project_id: int = 10, token: str = "loopback-token", updated_at: str = "2026-01-01T00:00:00.000Z",
+                 instance_version: str = "6.14.0"):
+        self.team_id, self.workspace_id, self.project_id, self.token = team_id, workspace_id, project_id, token
+        self.instance_version = instance_version
+        self.updated_at = updated_at
+        self.calls: list[Call] = []
+        self.unknown: list[str] = []
+        self.files: dict[str, bytes] = {}
+        self.task_outputs: list[dict] = []
+        self.task_fields: list[dict] = []
+        self._faults: dict[str, list[int]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self._load_project(project_dir)
+        self.handlers = {
+            "projects.info": self._projects_info, "projects.meta": self._projects_meta,
+            "datasets.list": self._datasets_list, "datasets.info": self._datasets_info,
+            "images.list": self._images_list, "images.bulk.download": self._images_bulk_download,
+            "annotations.bulk.info": self._annotations_bulk,
+            "file-storage.list": self._files_list, "file-storage.bulk.upload": self._files_upload,
+            "file-storage.download": self._files_download,
+            "tasks.output.set": self._task_output, "tasks.data.set": self._task_data,
+            # asked by the SDK when a call fails, to word its error message
+            "instance.version": lambda call: (200, {"version": self.instance_version}),
+        }
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._request_handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    # ---- lifecycle
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> "LoopbackPlatform":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def fail(self, method: str, status: int = 500, times: int = 1) -> None:
+        """Answer the next ``times`` calls of ``method`` with ``status``."""
+        self._faults[method].extend([status] * times)
+
+    def methods(self) -> list[str]:
+        return [c.method for c in self.calls]
+
+    # ---- the project
+    def _load_project(self, project_dir) -> None:
+        self.meta_json, self.datasets, self.images = {}, [], {}
+        self.project_name = "empty"
+        if project_dir is None:
+            return
+        project = sly.Project(str(project_dir), sly.OpenMode.READ)
+        self.project_name = project.name
+        self.meta_json = project.meta.to_json()
+        next_image_id = 1000
+        for ds_index, dataset in enumerate(sorted(project.datasets, key=lambda d: d.name)):
+            if "/" in dataset.name:
+                continue  # nested datasets: not needed by these tests
+            ds_id = 100 + ds_index
+            self.datasets.append({"id": ds_id, "name": dataset.name})
+            for name in sorted(dataset.get_items_names()):
+                image_path = Path(dataset.get_img_path(name))
+                ann_json = json.loads(Path(dataset.get_ann_path(name)).read_text(encoding="utf-8"))
+                self.images[next_image_id] = {"dataset_id": ds_id, "name": name, "bytes": image_path.read_bytes(),
+                                              "ann": ann_json, "size": ann_json["size"]}
+                next_image_id += 1
+
+    def _dataset_images(self, ds_id):
+        return {i: img for i, img in self.images.items() if img["dataset_id"] == ds_id}
+
+    def _projects_info(self, call):
+        return 200, _info(ProjectApi, id=self.project_id, name=self.project_name, type="images",
+                          workspaceId=self.workspace_id, teamId=self.team_id, imagesCount=len(self.images),
+                          datasetsCount=len(self.datasets), updatedAt=self.updated_at,
+                          createdAt="2026-01-01T00:00:00.000Z", description="", readme="", customData={},
+                          settings={})
+
+    def _projects_meta(self, call):
+        return 200, self.meta_json
+
+    def _dataset_info(self, ds):
+        return _info(DatasetApi, id=ds["id"], name=ds["name"], projectId=self.project_id, parentId=None,
+                     imagesCount=len(self._dataset_images(ds["id"])), itemsCount=len(self._dataset_images(ds["id"])),
+                     description="", teamId=self.team_id, workspaceId=self.workspace_id,
+                     createdAt="2026-01-01T00:00:00.000Z", updatedAt=self.updated_at)  # dict fields: unhashable
+
+    def _datasets_list(self, call):
+        entities = [self._dataset_info(ds) for ds in self.datasets]
+        return 200, {"total": len(entities), "perPage": 500, "pagesCount": 1, "entities": entities}
+
+    def _datasets_info(self, call):
+        ds = next((d for d in self.datasets if d["id"] == call.body.get("id")), None)
+        return (404, {"error": "dataset not found"}) if ds is None else (200, self._dataset_info(ds))
+
+    def _image_info(self, image_id, img):
+        height, width = img["size"]["height"], img["size"]["width"]
+        return _info(ImageApi, id=image_id, name=img["name"], datasetId=img["dataset_id"], projectId=self.project_id,
+                     ext=Path(img["name"]).suffix.lstrip("."), mime="image/png", size=len(img["bytes"]),
+                     width=width, height=height, labelsCount=len(img["ann"].get("objects", [])), tags=[],
+                     hash=f"hash{image_id}", meta={}, createdAt="2026-01-01T00:00:00.000Z",
+                     updatedAt=self.updated_at, fullStorageUrl=f"{self.url}/img/{image_id}")
+
+    def _images_list(self, call):
+        ds_id = call.body.get("datasetId")
+        entities = [self._image_info(i, img) for i, img in self._dataset_images(ds_id).items()]
+        return 200, {"total": len(entities), "perPage": 500, "pagesCount": 1, "entities": entities}
+
+    def _images_bulk_download(self, call):
+        """multipart/mixed, one part per image, named by image id (as the platform answers)."""
+        boundary = "loopbackboundary"
+        chunks = []
+        for image_id in call.body["imageIds"]:
+            chunks.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{image_id}\"\r\n"
+                          f"Content-Type: application/octet-stream\r\n\r\n".encode()
+                          + self.images[image_id]["bytes"] + b"\r\n")
+        chunks.append(f"--{boundary}--\r\n".encode())
+        return 200, (b"".join(chunks), f"multipart/form-data; boundary={boundary}")
+
+    def _annotations(self, ids):
+        return [{"imageId": i, "imageName": self.images[i]["name"], "datasetId": self.images[i]["dataset_id"],
+                 "annotation": self.images[i]["ann"], "createdAt": "2026-01-01T00:00:00.000Z",
+                 "updatedAt": self.updated_at} for i in ids]
+
+    def _annotations_bulk(self, call):
+        return 200, self._annotations(call.body["imageIds"])
+
+    # ---- Team Files
+    def _file_info(self, path: str) -> dict:
+        return _info(FileApi, id=abs(hash(path)) % 10**6, name=Path(path).name, path=path, storagePath=path,
+                     teamId=self.team_id, size=len(self.files[path]), mime="application/octet-stream",
+                     ext=Path(path).suffix.lstrip("."), hash="", createdAt="2026-01-01T00:00:00.000Z",
+                     updatedAt="2026-01-01T00:00:00.000Z", fullStorageUrl=f"{self.url}/files{path}",
+                     userId=1, meta={}, type="file")
+
+    def _files_list(self, call):
+        """Everything under ``path`` (recursive), files and their folders, as the platform lists them."""
+        asked = call.body.get("path", "/")
+        if asked in self.files:
+            return 200, [self._file_info(asked)]
+        prefix = asked.rstrip("/") + "/"
+        entries, folders = [], set()
+        for path in sorted(self.files):
+            if not path.startswith(prefix):
+                continue
+            entries.append(self._file_info(path))
+            parts = path[len(prefix):].split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                folders.add(prefix + "/".join(parts[:depth]) + "/")
+        entries += [_info(FileApi, id=0, name=Path(f).name, path=f, type="folder", teamId=self.team_id)
+                    for f in sorted(folders)]
+        return 200, entries
+
+    def _files_download(self, call):
+        path = call.body.get("path")
+        return (200, self.files[path]) if path in self.files else (404, {"error": f"{path} not found"})
+
+    def _files_upload(self, call):
+        """Multipart: ``name`` and ``path`` (the folder) fields before each ``file`` part."""
+        if int(call.query.get("teamId", [0])[0]) != self.team_id:
+            return 400, {"error": "wrong teamId"}
+        stored, fields = [], {}
+        for name, _filename, payload in call.body["parts"]:
+            if name == "file":
+                path = "/" + (fields["path"].rstrip("/") + "/" + fields["name"]).lstrip("/")
+                self.files[path] = payload
+                stored.append(self._file_info(path))
+            else:
+                fields[name] = payload.decode()
+        return 200, stored
+
+    def _task_output(self, call):
+        self.task_outputs.append(call.body)
+        return 200, {"success": True}
+
+    def _task_data(self, call):
+        self.task_fields.append(call.body)
+        return 200, {"success": True}
+
+    # ---- HTTP
+    def _request_handler(self):
+        platform = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _handle(self):
+                url = urlparse(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                content_type = self.headers.get("Content-Type", "")
+                if content_type.startswith("multipart/"):
+                    body = {"parts": _multipart(content_type, raw)}
+                else:
+                    try:
+                        body = json.loads(raw) if raw else {}
+                    except ValueError:
+                        body = {"raw": raw}
+                method = url.path[len(API_PREFIX):] if url.path.startswith(API_PREFIX) else url.path
+                call = Call(method, parse_qs(url.query), body, dict(self.headers))
+                with platform._lock:
+                    platform.calls.append(call)
+                    fault = platform._faults[method].pop(0) if platform._faults.get(method) else None
+                if self.headers.get("x-api-key") != platform.token and url.path.startswith(API_PREFIX):
+                    return self._send(401, {"error": "bad token"})
+                if fault is not None:
+                    return self._send(fault, {"error": f"injected fault {fault}"})
+                handler = platform.handlers.get(method)
+                if handler is None:
+                    platform.unknown.append(method)
+                    return self._send(404, {"error": f"loopback: {method} is not implemented"})
+                status, payload = handler(call)
+                self._send(status, payload)
+
+            def _send(self, status, payload):
+                if isinstance(payload, tuple):
+                    data, content_type = payload
+                elif isinstance(payload, bytes):
+                    data, content_type = payload, "application/octet-stream"
+                else:
+                    data, content_type = json.dumps(payload).encode(), "application/json"
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_POST = do_GET = _handle
+
+        return Handler

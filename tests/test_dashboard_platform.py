@@ -1,0 +1,116 @@
+"""The train dashboard in platform mode against a loopback Supervisely server (tests/sly_loopback.py):
+download by project id (cached), upload of the artifact tree to Team Files, task output."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.dashboard_harness import DashboardServer
+from tests.sly_loopback import LoopbackPlatform
+
+TASK_ID = 4242
+
+
+@pytest.fixture(scope="module")
+def platform(tiny_project, tmp_path_factory):
+    """The tiny project plus a point class (no area: must not be selectable in step 03)."""
+    project = tmp_path_factory.mktemp("platform_project") / "tiny"
+    shutil.copytree(tiny_project, project)
+    meta = json.loads((project / "meta.json").read_text())
+    meta["classes"].append({"title": "keypoint", "shape": "point", "color": "#00FF00"})
+    (project / "meta.json").write_text(json.dumps(meta))
+    with LoopbackPlatform(project) as platform:
+        yield platform
+
+
+@pytest.fixture(scope="module")
+def app(platform, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dash_platform")
+    server = DashboardServer({"SERVER_ADDRESS": platform.url, "API_TOKEN": platform.token, "TASK_ID": str(TASK_ID),
+                              "TEAM_ID": str(platform.team_id), "WORKSPACE_ID": str(platform.workspace_id),
+                              "PROJECT_ID": str(platform.project_id), "SLY_APP_DATA_DIR": str(tmp / "data")},
+                             tmp / "app.log")
+    server.data_dir = tmp / "data"
+    yield server
+    server.close()
+
+
+def test_platform_errors_are_shown_on_the_card(app, platform):
+    platform.fail("projects.info", status=404)
+    app.click("s01_load")
+    assert app.status(1) == ("error", f"project {platform.project_id} not found on the platform")
+    platform.fail("projects.info", status=403)
+    app.click("s01_load")
+    status, text = app.status(1)
+    assert status == "error" and text.startswith("downloading the project failed: 403 Client Error: Forbidden")
+    assert app.state()["s02_card"]["disabled"]["disabled"]
+
+
+def test_download_by_project_id_then_cached(app, platform, tiny_project):
+    app.click("s01_load")
+    assert app.status(1) == ("success", "Project ready: downloaded."), app.log_tail()
+    assert platform.unknown == []
+    progress = app.data()["s01_progress"]
+    assert progress["n"] == len(platform.images) and progress["percent"] == 100
+    local = app.data_dir / "projects" / str(platform.project_id)
+    for image in platform.images.values():  # what the server sent arrived unchanged
+        ds_name = next(d["name"] for d in platform.datasets if d["id"] == image["dataset_id"])
+        assert (local / ds_name / "img" / image["name"]).read_bytes() == image["bytes"]
+    assert "2 dataset(s) (ds_a, ds_b)" in app.text("s01_summary")
+
+    downloads = platform.methods().count("images.bulk.download")
+    app.click("s01_restart")
+    app.click("s01_load")
+    assert app.status(1) == ("success", "Project ready: the cached copy is current: download skipped.")
+    assert platform.methods().count("images.bulk.download") == downloads
+
+    platform.updated_at = "2026-02-01T00:00:00.000Z"  # the project changed on the platform
+    app.click("s01_restart")
+    app.click("s01_load")
+    assert app.status(1) == ("success", "Project ready: downloaded.")
+    assert platform.methods().count("images.bulk.download") > downloads
+
+
+def test_train_and_upload_the_artifact_tree(app, platform):
+    app.click("s02_apply", s02_method={"value": "datasets"}, s02_train_datasets={"value": ["ds_a"]},
+              s02_val_datasets={"value": ["ds_b"]})
+    assert app.status(2) == ("success", "Training set: 6 image(s), validation set: 4 image(s).")
+    rows = [row[0]["data"] for row in app.data()["s03_table"]["table_data"]]
+    assert sorted(rows) == ["box", "disk", "triangle"]  # the point class is not offered
+    assert "Not selectable, no area: keypoint (point)." in app.text("s03_notes")
+    app.click("s03_apply")
+    assert app.status(3)[0] == "success" and "disk, triangle, box" in app.status(3)[1]
+    app.click("s04_apply", s04_mode={"value": "custom"}, s04_custom_path={"value": "/augs/missing.json"})
+    assert app.status(4) == ("error", "Team Files: /augs/missing.json not found")
+    flip = {"pipeline": [{"category": "flip", "name": "Fliplr", "params": {"p": 0.5}}], "random_order": False}
+    platform.files["/augs/flip.json"] = json.dumps(flip).encode()  # a custom config in Team Files
+    app.click("s04_apply", s04_mode={"value": "custom"}, s04_custom_path={"value": "/augs/flip.json"})
+    app.click("s05_apply", s05_model={"selectedRow": 0}, s05_weights={"value": "none"})
+    app.click("s06_apply", s06_input_height={"value": "64"}, s06_input_width={"value": "64"},
+              s06_epochs={"value": "1"}, s06_batch_size={"value": "4"}, s06_gpu_id={"value": "cpu"},
+              s06_experiment={"value": "exp"})
+    for step in range(2, 7):
+        assert app.status(step)[0] == "success", (step, app.status(step))
+    app.click("s07_train")
+    assert app.wait_phase() == "finished", (app.status(7), app.log_tail())
+
+    remote = f"/unet/{TASK_ID}_exp/"
+    assert app.data()["s07_location"]["text"] == f"Artifacts: {remote}"
+    run_dir = app.data_dir / "runs" / f"{TASK_ID}_exp"
+    local = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    uploaded = {path[len(remote):]: data for path, data in platform.files.items() if path.startswith(remote)}
+    assert set(uploaded) == set(local) and all(uploaded[k] == local[k] for k in local)  # byte-identical
+    for name in ("checkpoints/model_001_best.pth", "info/ui_state.json", "info/model_classes.json", "open_app.lnk"):
+        assert name in uploaded, name
+    assert json.loads(uploaded["info/ui_state.json"])["widgets"]["s06_experiment"]["value"] == "exp"
+    assert json.loads(uploaded["info/augs_config.json"]) == flip
+    assert uploaded["open_app.lnk"].decode().strip() == f"{platform.url}/apps/sessions/{TASK_ID}"
+    upload = app.data()["s07_upload"]
+    assert upload["percent"] == 100
+    # the task output names the folder
+    assert len(platform.task_outputs) == 1
+    output = platform.task_outputs[0]
+    assert output["taskId"] == TASK_ID and output["output"]["general"]["title"] == remote
+    assert platform.unknown == []
