@@ -237,11 +237,12 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
             event = _parse_event(line)
             if event is None:
                 continue  # third-party output on stdout
-            if event["event"] == "start":
+            name = event.pop("event")
+            if name == "start":
                 output_dir = Path(event["output_dir"])
-            result = _dispatch(event, reporter, output_dir)
-            if event["event"] == "finish":
-                summary = result
+            elif name == "finish":
+                summary = event
+            _dispatch(name, event, reporter, output_dir)
         returncode = proc.wait()
     finally:
         if proc.poll() is None:  # the caller was interrupted: do not leave the ranks running
@@ -276,8 +277,7 @@ def _parse_event(line: str) -> dict | None:
     return event if isinstance(event, dict) and "event" in event else None
 
 
-def _dispatch(event: dict, reporter: Reporter, output_dir: Path | None):
-    name, data = event.pop("event"), event
+def _dispatch(name: str, data: dict, reporter: Reporter, output_dir: Path | None) -> None:
     if name == "start":
         reporter.start(data)
     elif name == "epoch_start":
@@ -294,8 +294,6 @@ def _dispatch(event: dict, reporter: Reporter, output_dir: Path | None):
         reporter.message(data["level"], data["text"])
     elif name == "finish":
         reporter.finish(data)
-        return data
-    return None
 
 
 def _preview_panels(output_dir: Path | None, data: dict) -> list[tuple[str, np.ndarray]]:

@@ -28,6 +28,7 @@ from custom_net.model import build_model
 from custom_net.reporting import Reporter
 from custom_net.sly_seg_dataset import EpochSampler
 from custom_net.train import ArgsError, main
+from custom_net.visualize import preview_panel
 
 EPOCHS = 2
 ARGS = ["--model", "UNet", "--input-height", "64", "--input-width", "64", "--epochs", str(EPOCHS),
@@ -180,8 +181,9 @@ def test_ddp_run_is_followed_like_an_in_process_run(ddp_run):
     assert [args[1]["epoch"] for args in recorder.named("epoch_end")] == list(range(1, EPOCHS + 1))
     epoch, split, panels = recorder.named("previews")[-1]
     assert (epoch, split) == (EPOCHS, "val") and len(panels) == 2
-    assert all(isinstance(name, str) and image.shape == (64, 3 * 64, 3) and image.dtype == np.uint8
-               for name, image in panels)
+    blank = np.zeros((64, 64), np.uint8)
+    shape = preview_panel(np.zeros((64, 64, 3), np.uint8), blank, blank, [[0, 0, 0]]).shape  # image | truth | prediction
+    assert all(isinstance(name, str) and image.shape == shape and image.dtype == np.uint8 for name, image in panels)
     assert recorder.named("finish") == [(summary,)]
     assert json.loads((out / "info" / "summary.json").read_text()) == summary
 
