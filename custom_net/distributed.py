@@ -227,11 +227,12 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             env=run_env, bufsize=1)
     stderr_tail: deque[str] = deque(maxlen=400)
-    readers = [threading.Thread(target=lambda: stderr_tail.extend(proc.stderr), daemon=True),
-               threading.Thread(target=_forward_stop, args=(proc, reporter), daemon=True)]
-    for thread in readers:
+    rank0_pid: list[int] = []  # set once rank 0 trains (and a SIGTERM stops it cleanly)
+    threads = [threading.Thread(target=lambda: stderr_tail.extend(proc.stderr), daemon=True),
+               threading.Thread(target=_forward_stop, args=(proc, reporter, rank0_pid), daemon=True)]
+    for thread in threads:
         thread.start()
-    summary, output_dir = None, None
+    summary, output_dir, pid = None, None, None
     try:
         for line in proc.stdout:
             event = _parse_event(line)
@@ -239,7 +240,9 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
                 continue  # third-party output on stdout
             name = event.pop("event")
             if name == "start":
-                output_dir = Path(event["output_dir"])
+                output_dir, pid = Path(event["output_dir"]), event["pid"]
+            elif name == "epoch_start" and not rank0_pid:
+                rank0_pid.append(pid)
             elif name == "finish":
                 summary = event
             _dispatch(name, event, reporter, output_dir)
@@ -248,7 +251,7 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
         if proc.poll() is None:  # the caller was interrupted: do not leave the ranks running
             proc.terminate()
             proc.wait()
-    readers[0].join(timeout=5)
+    threads[0].join(timeout=5)
     if returncode != 0 or summary is None:
         errors = [line.rstrip() for line in stderr_tail if line.startswith("error:") or "stopped: " in line]
         detail = "\n".join(dict.fromkeys(errors)) or "".join(list(stderr_tail)[-40:])
@@ -256,15 +259,13 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
     return summary
 
 
-def _forward_stop(proc: subprocess.Popen, reporter: Reporter) -> None:
-    """Dashboard Stop -> SIGTERM to the training processes (torchrun's children), which then stop together
-    at the next step and save. Not to torchrun itself: it would kill them after 30 s and report a failure."""
-    import psutil
-
+def _forward_stop(proc: subprocess.Popen, reporter: Reporter, rank0_pid: list[int]) -> None:
+    """Dashboard Stop -> SIGTERM to rank 0 once it trains (its handler is installed by then); the ranks
+    agree on the stop at the next step and rank 0 saves. Not to torchrun: it would forward the signal,
+    kill the ranks 30 s later and report a failure. A stop asked earlier waits for training to start."""
     while proc.poll() is None:
-        if reporter.should_stop():
-            for child in psutil.Process(proc.pid).children():
-                child.send_signal(signal.SIGTERM)
+        if reporter.should_stop() and rank0_pid:
+            os.kill(rank0_pid[0], signal.SIGTERM)
             return
         time.sleep(0.2)
 
@@ -307,4 +308,4 @@ def _preview_panels(output_dir: Path | None, data: dict) -> list[tuple[str, np.n
     if image is None:
         return []
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return list(zip(names, np.split(image, len(names), axis=0)))
+    return list(zip(names, np.array_split(image, len(names), axis=0)))

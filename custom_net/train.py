@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pickle
 import random
 import signal
@@ -471,7 +472,8 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
     reporter.start({"epochs": args.epochs, "start_epoch": start_epoch, "iters_per_epoch": len(train_loader),
                     "val_iters": len(val_loader), "train_size": len(train_data), "val_size": len(val_data),
                     "classes": class_names, "device": str(device), "amp": str(amp_dtype).replace("torch.", ""),
-                    "model": args.model, "output_dir": str(output), "world_size": dist_ctx.world_size})
+                    "model": args.model, "output_dir": str(output), "world_size": dist_ctx.world_size,
+                    "pid": os.getpid()})
 
     epoch, status = start_epoch - 1, "finished"
     with _stop_on_sigterm(reporter):
@@ -570,12 +572,12 @@ def cli(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *_: f"[warning] {message}\n"
     try:
         summary = main(argv)
-    except (ArgsError, UnknownModelError, data.DataError, augs.AugsConfigError) as e:
+    except (ArgsError, UnknownModelError, data.DataError, augs.AugsConfigError, distributed.DistributedRunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss:
         return 3
-    except Exception as e:  # under torchrun: name the rank, and say a dead peer is the likely cause
+    except RuntimeError as e:  # under torchrun (collectives fail this way): name the rank and the likely cause
         message = distributed.failure_message(e)
         if message is None:
             raise
