@@ -198,13 +198,15 @@ def failure_message(error: BaseException) -> str | None:
 def torchrun_command(argv: list[str], gpu_ids: list[int | str]) -> tuple[list[str], dict[str, str]]:
     """(command, environment) that train ``argv`` on these GPUs of this machine: one process per GPU
     through torchrun, rank 0 printing one JSON event per line on stdout (``--reporter jsonl``).
-    ``--batch-size`` in ``argv`` is per GPU."""
+    ``gpu_ids`` are numbered as torch.cuda numbers them in this process; ``--batch-size`` is per GPU."""
+    # Ids relative to this process's own CUDA_VISIBLE_DEVICES (e.g. set by the platform) if it has one.
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     ids = []
     for gpu in gpu_ids:
         text = str(gpu).strip().lower().removeprefix("cuda:")
-        if not text.isdigit():
-            raise ValueError(f"GPU id must be N or 'cuda:N', got {gpu!r}")
-        ids.append(text)
+        if not text.isdigit() or (visible and int(text) >= len(visible)):
+            raise ValueError(f"GPU id must be N or 'cuda:N' of a visible GPU, got {gpu!r}")
+        ids.append(visible[int(text)] if visible else text)
     if not ids or len(set(ids)) != len(ids):
         raise ValueError(f"need one or more distinct GPU ids, got {gpu_ids!r}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(ids)}",
@@ -253,7 +255,7 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
             proc.wait()
     threads[0].join(timeout=5)
     if returncode != 0 or summary is None:
-        errors = [line.rstrip() for line in stderr_tail if line.startswith("error:") or "stopped: " in line]
+        errors = [line.rstrip() for line in stderr_tail if line.startswith("error:")]
         detail = "\n".join(dict.fromkeys(errors)) or "".join(list(stderr_tail)[-40:])
         raise DistributedRunError(f"torchrun exited with code {returncode}:\n{detail}")
     return summary

@@ -123,7 +123,8 @@ def test_single_process_context_changes_nothing():
 
 # ---- the launcher -----------------------------------------------------------------------------------
 
-def test_torchrun_command():
+def test_torchrun_command(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     command, env = torchrun_command(["--project-dir", "p", "--batch-size", "8"], ["cuda:2", 3])
     assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--module",
                            "custom_net", "--project-dir", "p", "--batch-size", "8", "--reporter", "jsonl"]
@@ -131,6 +132,10 @@ def test_torchrun_command():
     for bad in ([], ["x"], [1, 1]):
         with pytest.raises(ValueError):
             torchrun_command([], bad)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")  # the launcher's own GPUs: ids are relative to them
+    assert torchrun_command([], [0, 2])[1]["CUDA_VISIBLE_DEVICES"] == "4,7"
+    with pytest.raises(ValueError, match="visible"):
+        torchrun_command([], [3])
 
 
 def test_launcher_rejects_bad_flags_before_starting():
