@@ -121,6 +121,17 @@ def test_single_process_context_changes_nothing():
     assert ctx.mean(2.5) == 2.5 and ctx.any(True) and not ctx.any(False)
 
 
+def test_setup_errors_name_the_cause(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(DistributedRunError, match="RANK is not set: start the run with torchrun"):
+        distributed.setup("cpu", 10)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(DistributedRunError, match="--sync-bn needs CUDA"):
+        distributed.setup("cpu", 10, sync_bn=True)
+
+
 # ---- the launcher -----------------------------------------------------------------------------------
 
 def test_torchrun_command(monkeypatch):
