@@ -32,7 +32,7 @@ from torch.utils.data import Sampler
 
 from custom_net.reporting import Reporter
 from custom_net.sly_seg_dataset import EpochSampler
-from custom_net.utils import select_device
+from custom_net.utils import atomic_write_json, select_device
 
 
 class DistributedRunError(RuntimeError):
@@ -215,12 +215,13 @@ def torchrun_command(argv: list[str], gpu_ids: list[int | str]) -> tuple[list[st
     return command, env
 
 
-def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, *, cwd: str | None = None,
-                 env: dict[str, str] | None = None) -> dict:
-    """Train ``argv`` on several GPUs and follow it like ``train.main(argv, reporter)``: the same reporter
-    hooks are called (previews with the images rank 0 saved), ``reporter.request_stop()`` stops the run
-    cleanly, and the summary is returned. Raises ArgsError for bad flags before anything starts and
-    DistributedRunError (with the ranks' error lines) when the run fails."""
+def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, *, ui_state: dict | None = None,
+                 cwd: str | None = None, env: dict[str, str] | None = None) -> dict:
+    """Train ``argv`` on several GPUs and follow it like ``train.main(argv, reporter, ui_state)``: the same
+    reporter hooks are called (previews with the images rank 0 saved), ``reporter.request_stop()`` stops
+    the run cleanly, ``ui_state`` becomes info/ui_state.json of a new run, and the summary is returned.
+    Raises ArgsError for bad flags before anything starts and DistributedRunError (with the ranks' error
+    lines) when the run fails. Blocks: call it from the thread that would have called ``main``."""
     from custom_net.train import parse_args  # here: train imports this module
 
     parse_args(argv)
@@ -243,6 +244,8 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
             name = event.pop("event")
             if name == "start":
                 output_dir, pid = Path(event["output_dir"]), event["pid"]
+                if ui_state is not None and event["start_epoch"] == 1:  # rank 0 wrote its own before "start"
+                    atomic_write_json(output_dir / "info" / "ui_state.json", ui_state)
             elif name == "epoch_start" and not rank0_pid:
                 rank0_pid.append(pid)
             elif name == "finish":

@@ -35,6 +35,7 @@ ARGS = ["--model", "UNet", "--input-height", "64", "--input-width", "64", "--epo
         "--encoder-weights", "none", "--gpu-id", "cpu", "--amp", "off", "--jaccard-weight", "0",
         "--sly-augs-path", "seg_simple_rotate_crop_flipLR", "--vis-count", "2", "--dist-timeout", "30",
         "--num-workers", "0", "--reporter", "none"]
+UI_STATE = {"selectedModel": "UNet", "imgSize": {"width": 64, "height": 64}, "gpusId": [0, 1]}  # the dashboard's
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two ranks on a shared 2-core machine
 
 
@@ -79,7 +80,7 @@ def ddp_run(tiny_project, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
     recorder = Recorder()
     summary = run_torchrun(["--project-dir", str(tiny_project), *ARGS, "--batch-size", "2", "--output", str(out)],
-                           [0, 1], recorder, env=ONE_THREAD)
+                           [0, 1], recorder, ui_state=UI_STATE, env=ONE_THREAD)
     return out, recorder, summary
 
 
@@ -202,6 +203,7 @@ def test_ddp_run_is_followed_like_an_in_process_run(ddp_run):
     assert all(isinstance(name, str) and image.shape == shape and image.dtype == np.uint8 for name, image in panels)
     assert recorder.named("finish") == [(summary,)]
     assert json.loads((out / "info" / "summary.json").read_text()) == summary
+    assert json.loads((out / "info" / "ui_state.json").read_text()) == UI_STATE
 
 
 def test_resume_and_stop_under_torchrun(ddp_run, tmp_path):
