@@ -101,6 +101,12 @@ class JsonLinesReporter(Reporter):
     def start(self, info):
         self._emit("start", **info)
 
+    def epoch_start(self, epoch):
+        self._emit("epoch_start", epoch=epoch)
+
+    def val_progress(self, epoch, done, total):
+        self._emit("val_progress", epoch=epoch, done=done, total=total)
+
     def train_step(self, epoch, iteration, iterations, loss, lr):
         self._emit("train_step", epoch=epoch, iteration=iteration, iterations=iterations, loss=loss, lr=lr)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pickle
 import random
 import signal
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from custom_net import augs, sly_seg_dataset as data
+from custom_net import augs, distributed, sly_seg_dataset as data
 from custom_net.evaluate import evaluate_training_run
 from custom_net.inference import predict_probabilities
 from custom_net.loss import LOSSES, build_loss
@@ -34,7 +35,7 @@ from custom_net.model import INIT_SCHEMES, UnknownModelError, build_model, model
 from custom_net.reporting import ConsoleReporter, JsonLinesReporter, Reporter
 from custom_net.utils import (AMP_MODES, LR_SCHEDULES, OPTIMIZERS, CheckpointSaver, NonFiniteLoss, StopRequested,
                               atomic_torch_save, atomic_write_json, build_optimizer, build_scheduler, current_lr,
-                              resolve_amp, resolve_num_workers, seed_everything, select_device, train_one_epoch)
+                              resolve_amp, resolve_num_workers, seed_everything, train_one_epoch)
 from custom_net.validation import evaluate
 from custom_net.visualize import preview_panel, save_charts, save_png
 
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=20)
-    g.add_argument("--batch-size", type=_positive_int, default=8)
+    g.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="per process, i.e. per GPU: under torchrun the global batch is this times the number of processes")
     g.add_argument("--loss", choices=list(LOSSES), default="ce_dice", help="ce_dice = cross-entropy + soft Dice; jaccard_nll = the original (1-w)*NLL - w*log(soft Jaccard)")
     g.add_argument("--jaccard-weight", type=_fraction, default=0.5, help="w in the loss (Jaccard or Dice share)")
     g.add_argument("--class-weights", nargs="+", type=float, metavar="W", help="per-class loss weights, __bg__ first")
@@ -186,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vis-count", type=int, default=3, help="prediction-preview items per split")
     g.add_argument("--vis-interval", type=int, default=0, help="previews every N epochs (0 = about ten times per run)")
     g.add_argument("--reporter", choices=("console", "jsonl", "none"), default="console", help="progress output of the CLI")
+
+    g = p.add_argument_group("distributed (torchrun; see README 'Scaling out')")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="SyncBatchNorm: batch statistics over all GPUs (CUDA only)")
+    g.add_argument("--dist-timeout", type=_positive_float, default=1800.0,
+                   help="seconds a rank waits for the others before stopping with an error")
     return p
 
 
@@ -373,7 +381,7 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
     """Run training; returns the summary. Bad input raises (ArgsError / DataError / AugsConfigError)
     before the output folder is created."""
     args = parse_args(argv)
-    reporter = reporter or _make_reporter(args.reporter)
+    reporter = reporter or _make_reporter(args.reporter if distributed.env_rank() == 0 else "none")  # rank 0 reports
     report = reporter.message
 
     # ---- everything that can be wrong with the input is checked before the output folder exists
@@ -388,7 +396,8 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
     augs_config = augs.load_augs_config(args.sly_augs_path) if args.sly_augs_path else None
     args.encoder_weights = _resolve_encoder_weights(args)
     _make_paths_absolute(args)
-    device = select_device(args.gpu_id)
+    dist_ctx = distributed.setup(args.gpu_id, args.dist_timeout, args.sync_bn)  # world_size 1 outside torchrun
+    device = dist_ctx.device
     amp_dtype = resolve_amp(args.amp, device)
     seed_everything(args.seed)
     model = build_model(args.model, len(model_classes), args.encoder_weights, args.init)
@@ -415,31 +424,32 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
             raise data.DataError(f"class(es) {', '.join(map(repr, unlabelled))} have no labelled pixels in the "
                                  "training or validation items; label them or leave them out of --classes")
         return _run(args, reporter, ui_state, project, model_classes, train_data, val_data, augs_config,
-                    model, criterion, device, amp_dtype, started)
+                    model, criterion, device, amp_dtype, started, dist_ctx)
     finally:
         train_data.close()
         val_data.close()
 
 
 def _run(args, reporter, ui_state, project, model_classes, train_data, val_data, augs_config,
-         model, criterion, device, amp_dtype, started) -> dict:
+         model, criterion, device, amp_dtype, started, dist_ctx) -> dict:
     report = reporter.message
     class_names = [c.name for c in model_classes]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
+    model, train_model = dist_ctx.prepare_model(model, args.sync_bn)  # DDP trains; `model` is the plain module
     criterion.to(device)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay, args.nesterov)
-    step_model = torch.compile(model) if args.compile else model  # checkpoints still come from `model`
+    step_model = torch.compile(train_model) if args.compile else train_model  # checkpoints come from `model`
 
     train_set = data.SlySegDataset(train_data, augs_config, seed=args.seed)
     val_set = data.SlySegDataset(val_data)
-    sampler = data.EpochSampler(len(train_set), args.seed, shuffle=True)
+    sampler = dist_ctx.epoch_sampler(len(train_set), args.seed)
     workers = resolve_num_workers(args.num_workers, device)
     # Workers live for the whole run and keep batches queued; pinned memory makes copies to the GPU asynchronous.
     loader_kwargs = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=data.collate_batch,
                          persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **loader_kwargs)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **loader_kwargs)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=dist_ctx.shard_sampler(len(val_set)), **loader_kwargs)
     scheduler, per_iteration = build_scheduler(args, optimizer, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
@@ -450,8 +460,9 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
         report("info", f"{args.output} exists and is not empty: writing to {output}")
     args.output = str(output)
     checkpoints, info = output / "checkpoints", output / "info"
-    for folder in (checkpoints, info, info / "charts", info / "previews"):
-        folder.mkdir(parents=True, exist_ok=True)
+    if dist_ctx.is_main:  # rank 0 alone writes the artifact tree
+        for folder in (checkpoints, info, info / "charts", info / "previews"):
+            folder.mkdir(parents=True, exist_ok=True)
     saver = CheckpointSaver(checkpoints, args.checkpoint_interval, args.max_keep_ckpts, args.best_metric,
                             args.save_best, args.save_last)
     history: list[dict] = []
@@ -470,11 +481,12 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
         saver.load_state_dict(state["saver"])
         history = state["history"]
         # A run that died after logging an epoch but before saving its resume state would log that epoch twice.
-        (info / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+        if dist_ctx.is_main:
+            (info / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
         torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"] + 1
         report("info", f"resuming {output} at epoch {start_epoch} of {args.epochs}")
-    else:
+    elif dist_ctx.is_main:
         recorded = {k: v for k, v in vars(args).items() if k not in _NOT_RECORDED}
         atomic_write_json(checkpoints / "train_args.json", recorded)
         atomic_write_json(info / "model_classes.json", [c.to_json() for c in model_classes])
@@ -487,13 +499,15 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
     vis = {"train": _vis_items(train_data.items, args.vis_count, args.seed),
            "val": _vis_items(val_data.items, args.vis_count, args.seed + 1)}
     for split, prepared in (("train", train_data), ("val", val_data)):
-        atomic_write_json(info / f"{split}_vis_items.json", [prepared.items[i].key for i in vis[split]])
+        if dist_ctx.is_main:
+            atomic_write_json(info / f"{split}_vis_items.json", [prepared.items[i].key for i in vis[split]])
     vis_interval = args.vis_interval or max(1, args.epochs // 10)
 
     reporter.start({"epochs": args.epochs, "start_epoch": start_epoch, "iters_per_epoch": len(train_loader),
                     "val_iters": len(val_loader), "train_size": len(train_data), "val_size": len(val_data),
                     "classes": class_names, "device": str(device), "amp": str(amp_dtype).replace("torch.", ""),
-                    "model": args.model, "output_dir": str(output)})
+                    "model": args.model, "output_dir": str(output), "world_size": dist_ctx.world_size,
+                    "pid": os.getpid()})
 
     epoch, status = start_epoch - 1, "finished"
     with _stop_on_sigterm(reporter):
@@ -505,7 +519,7 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
                 def on_step(iteration, loss, lr, epoch=epoch):
                     if iteration % args.metrics_period == 0 or iteration == len(train_loader):
                         reporter.train_step(epoch, iteration, len(train_loader), loss, lr)
-                    if reporter.should_stop():
+                    if dist_ctx.any(reporter.should_stop()):  # every rank stops at the same step
                         raise StopRequested()
 
                 if scheduler is not None and not per_iteration and args.scheduler_order == "before":
@@ -516,29 +530,32 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
                 train_loss = train_one_epoch(step_model, criterion, optimizer, train_loader, device, epoch=epoch,
                                              scheduler=scheduler if per_iteration else None, scaler=scaler,
                                              amp_dtype=amp_dtype, memory_format=memory_format, on_step=on_step)
+                train_loss = dist_ctx.mean(train_loss)  # ranks' shares are equal-sized
                 if scheduler is not None and not per_iteration and args.scheduler_order == "after":
                     scheduler.step()
                 record = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
                 if epoch % args.val_interval == 0 or epoch == args.epochs:
-                    record.update(evaluate(step_model, criterion, val_loader, device, class_names, amp_dtype, memory_format,
-                                           progress=lambda done, total, e=epoch: reporter.val_progress(e, done, total)))
+                    record.update(evaluate(model, criterion, val_loader, device, class_names, amp_dtype, memory_format,
+                                           progress=lambda done, total, e=epoch: reporter.val_progress(e, done, total),
+                                           reduce=dist_ctx.all_reduce_sum))
                 history.append(record)
-                if _collapse_warning(history, epoch == args.epochs):
-                    report("warning", _collapse_advice(args, record["collapsed_to"]))
-                with open(info / "metrics.jsonl", "a", encoding="utf-8") as log:
-                    log.write(json.dumps(record) + "\n")
-                saver.on_epoch_end(model, epoch, record if "val_loss" in record else None)
-                if epoch % vis_interval == 0 or epoch == args.epochs:
-                    _previews(reporter, model, epoch, vis, train_data, val_data, model_classes, device, amp_dtype, info)
-                if "val_loss" in record:
-                    save_charts(history, info / "charts", class_names)
-                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                                   "scaler": scaler.state_dict() if scaler is not None else None,
-                                   "saver": saver.state_dict(), "history": history, "epoch": epoch,
-                                   "torch_rng": torch.get_rng_state()}, checkpoints / RESUME_STATE)
+                if dist_ctx.is_main:
+                    if _collapse_warning(history, epoch == args.epochs):
+                        report("warning", _collapse_advice(args, record["collapsed_to"]))
+                    with open(info / "metrics.jsonl", "a", encoding="utf-8") as log:
+                        log.write(json.dumps(record) + "\n")
+                    saver.on_epoch_end(model, epoch, record if "val_loss" in record else None)
+                    if epoch % vis_interval == 0 or epoch == args.epochs:
+                        _previews(reporter, model, epoch, vis, train_data, val_data, model_classes, device, amp_dtype, info)
+                    if "val_loss" in record:
+                        save_charts(history, info / "charts", class_names)
+                    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                                       "scaler": scaler.state_dict() if scaler is not None else None,
+                                       "saver": saver.state_dict(), "history": history, "epoch": epoch,
+                                       "torch_rng": torch.get_rng_state()}, checkpoints / RESUME_STATE)
                 reporter.epoch_end(epoch, record)
-                if reporter.should_stop() and epoch < args.epochs:  # asked during validation / saving: stop
+                if dist_ctx.any(reporter.should_stop()) and epoch < args.epochs:  # asked during validation / saving: stop
                     raise StopRequested()                           # here, not after a step of the next epoch
         except StopRequested:
             status = "stopped"
@@ -546,9 +563,12 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
         except NonFiniteLoss as e:
             report("error", f"{e}. Checkpoints saved so far are kept in {checkpoints}")
             # Written on failure too, else a resumed run's old summary would stay.
-            _write_summary(reporter, info, _summary(args, history, saver, "failed", epoch, output, started))
+            if dist_ctx.is_main:
+                _write_summary(reporter, info, _summary(args, history, saver, "failed", epoch, output, started))
             raise
 
+    if not dist_ctx.is_main:
+        return _summary(args, history, saver, status, epoch, output, started)
     last = saver.on_train_end(model, max(epoch, 1))  # a stop in epoch 1 still leaves model_001_last.pth
     if history:
         save_charts(history, info / "charts", class_names)
@@ -620,11 +640,19 @@ def cli(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *_: f"[warning] {message}\n"
     try:
         summary = main(argv)
-    except (ArgsError, UnknownModelError, data.DataError, augs.AugsConfigError) as e:
+    except (ArgsError, UnknownModelError, data.DataError, augs.AugsConfigError, distributed.DistributedRunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss:
         return 3
+    except RuntimeError as e:  # under torchrun (collectives fail this way): name the rank and the likely cause
+        message = distributed.failure_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
     return 0 if summary["status"] in ("finished", "stopped") else 1
 
 

@@ -124,8 +124,10 @@ class BoundaryIoU:
 
 @torch.inference_mode()
 def evaluate(model, criterion, loader, device, class_names, amp_dtype=None, memory_format=torch.contiguous_format,
-             progress=None) -> dict:
-    """Validation loss and metrics of ``model`` over ``loader`` (batches of uint8 images, index masks)."""
+             progress=None, reduce=None) -> dict:
+    """Validation loss and metrics of ``model`` over ``loader`` (batches of uint8 images, index masks).
+    ``reduce(tensor)`` sums a tensor in place over the ranks of a distributed run that each evaluated
+    a share of the items, so the metrics are those of the whole set."""
     model.eval()
     matrix = ConfusionMatrix(len(class_names), device)
     loss_sum, count = 0.0, 0
@@ -136,6 +138,10 @@ def evaluate(model, criterion, loader, device, class_names, amp_dtype=None, memo
         matrix.update(masks, logits.argmax(1))
         if progress is not None:
             progress(i + 1, len(loader))
+    if reduce is not None:
+        totals = reduce(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
+        reduce(matrix.matrix)
+        loss_sum, count = totals[0].item(), totals[1].item()
     result = matrix.metrics(class_names)
     result["val_loss"] = loss_sum / max(count, 1)
     result["collapsed_to"] = collapsed_class(matrix.matrix, class_names)
