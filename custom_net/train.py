@@ -527,13 +527,21 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
                         warnings.simplefilter("ignore", UserWarning)
                         scheduler.step()
                 lr = current_lr(optimizer)
+                skipped: list[int] = []
                 train_loss = train_one_epoch(step_model, criterion, optimizer, train_loader, device, epoch=epoch,
                                              scheduler=scheduler if per_iteration else None, scaler=scaler,
-                                             amp_dtype=amp_dtype, memory_format=memory_format, on_step=on_step)
+                                             amp_dtype=amp_dtype, memory_format=memory_format, on_step=on_step,
+                                             on_skip=skipped.append)
                 train_loss = dist_ctx.mean(train_loss)  # ranks' shares are equal-sized
                 if scheduler is not None and not per_iteration and args.scheduler_order == "after":
                     scheduler.step()
                 record = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
+                if scaler is not None:
+                    record["amp_skipped_steps"] = len(skipped)
+                    if skipped and dist_ctx.is_main:
+                        report("warning", f"fp16: the gradient scaler skipped {len(skipped)} of {len(train_loader)} "
+                                          f"step(s) in epoch {epoch} (inf/NaN gradients; iterations "
+                                          f"{', '.join(map(str, skipped[:10]))}); if this repeats, use --amp bf16 or off")
                 if epoch % args.val_interval == 0 or epoch == args.epochs:
                     record.update(evaluate(model, criterion, val_loader, device, class_names, amp_dtype, memory_format,
                                            progress=lambda done, total, e=epoch: reporter.val_progress(e, done, total),

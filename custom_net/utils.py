@@ -141,11 +141,12 @@ def forward_batch(model, images, masks, device, amp_dtype=None, memory_format=to
 
 
 def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, scheduler=None, scaler=None,
-                    amp_dtype=None, memory_format=torch.contiguous_format, on_step=None) -> float:
+                    amp_dtype=None, memory_format=torch.contiguous_format, on_step=None, on_skip=None) -> float:
     """One pass over ``loader``; returns the mean training loss.
 
     ``scheduler`` is stepped after every optimizer step (per-iteration schedules only).
     ``on_step(iteration, loss, lr)`` is called after each step and may raise StopRequested.
+    ``on_skip(iteration)``: the fp16 gradient scaler found inf/NaN gradients and skipped that step.
     """
     model.train()
     total, count = 0.0, 0
@@ -159,8 +160,11 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
+            if scaler.get_scale() < scale and on_skip is not None:  # the scaler backs off only after a skip
+                on_skip(i + 1)
         else:
             loss.backward()
             optimizer.step()

@@ -19,7 +19,7 @@ from custom_net.model import build_model, model_list
 from custom_net.preprocessing import resize_image, resize_mask
 from custom_net.reporting import Reporter
 from custom_net.train import COLLAPSE_ROUNDS, ORIGINAL_PRESET, _collapse_warning, main, parse_args
-from custom_net.utils import forward_batch, resolve_num_workers
+from custom_net.utils import forward_batch, resolve_num_workers, train_one_epoch
 from custom_net.validation import ConfusionMatrix, collapsed_class
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,3 +192,26 @@ def test_bench_naive_loader_reads_the_same_masks(prepared, tmp_path, monkeypatch
         assert image.shape == (3, 32, 32) and image.dtype == torch.float32
         _, expected = data.load_item(item, project.meta, index_of)
         assert torch.equal(mask, torch.from_numpy(resize_mask(expected, 32, 32).astype(np.int64)))
+
+
+def test_fp16_scaler_skips_are_reported():
+    """A scale so large that every gradient overflows: each step is skipped, reported, and changes nothing."""
+    torch.manual_seed(0)
+    model = build_model("UNet", 2, "none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=3e38)
+    batch = (torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8), torch.randint(0, 2, (2, 32, 32), dtype=torch.uint8))
+    skipped = []
+
+    def summed(logits, masks):  # d(loss)/d(logit) = 1, so every scaled gradient is ~3e38 and its sums overflow
+        return logits.float().sum()
+    train_one_epoch(model, summed, optimizer, [batch, batch], torch.device("cpu"), epoch=1,
+                    scaler=scaler, on_skip=skipped.append)
+    assert skipped == [1, 2]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # A sane scale: no skips.
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, [batch], torch.device("cpu"), epoch=1,
+                    scaler=scaler, on_skip=skipped.append)
+    assert skipped == [1, 2]
