@@ -591,7 +591,8 @@ def cli(argv: list[str] | None = None) -> int:
     except (ArgsError, UnknownModelError, data.DataError, augs.AugsConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss:
+    except NonFiniteLoss as e:  # also reported to the reporter, but --reporter none must not hide it
+        print(f"error: {e}", file=sys.stderr)
         return 3
     except StorageError as e:  # checkpoints saved before the failure are intact; --resume continues
         print(f"error: {e}", file=sys.stderr)
