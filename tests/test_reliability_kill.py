@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from custom_net.reporting import Reporter
-from custom_net.train import main
+from custom_net.train import cli, main
 from tests.conftest import TINY_TRAIN_ARGS
 from tests.test_train_e2e import _assert_same_weights, _checkpoints, _metrics
 
@@ -34,29 +34,11 @@ ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--epoc
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:imgaug.*", "ignore::DeprecationWarning:imageio.*")
 
 
-class ProgressFile(Reporter):
-    """Appends 'EPOCH ITERATION' after every training step and 'EPOCH end' after every epoch, so the
-    test knows where the child process is."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-
-    def _line(self, text: str) -> None:
-        with open(self.path, "a") as f:
-            f.write(text + "\n")
-
-    def train_step(self, epoch, iteration, iterations, loss, lr):
-        self._line(f"{epoch} {iteration}")
-
-    def epoch_end(self, epoch, record):
-        self._line(f"{epoch} end")
-
-
 def _train(argv: list[str], progress: str) -> None:
-    """Body of a child process (module level, so the forkserver can import it)."""
-    main(argv, reporter=ProgressFile(progress))
-    sys.exit(0)
+    """Body of a child process (module level, so the forkserver can import it): the command line's own
+    ``cli``, its JSON-lines events going to ``progress`` so that the test knows where training is."""
+    sys.stdout = open(progress, "w", buffering=1)
+    sys.exit(cli([*argv, "--reporter", "jsonl"]))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +72,18 @@ def _wait_for(condition, process, timeout: float = 120.0, what: str = "") -> Non
 
 
 def _progress(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
+    """'EPOCH ITERATION' per training step and 'EPOCH end' per epoch so far."""
+    seen = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:  # the line being written
+            continue
+        if event["event"] == "train_step":
+            seen.append(f"{event['epoch']} {event['iteration']}")
+        elif event["event"] == "epoch_end":
+            seen.append(f"{event['epoch']} end")
+    return seen
 
 
 def _kill(process, sig=signal.SIGKILL) -> None:
@@ -184,13 +177,15 @@ def test_sigterm_mid_epoch_stops_cleanly_then_resume_equals_uninterrupted(traine
     out, progress = tmp_path / "run", tmp_path / "progress"
     child = trainer(["--project-dir", str(tiny_project), *ARGS, "--output", str(out)], progress)
     _wait_for(lambda: "2 1" in _progress(progress), child, what="epoch 2, iteration 1")
-    _kill(child, signal.SIGTERM)  # exit code 0: a clean stop
+    _kill(child, signal.SIGTERM)  # the command line exits with 0: a clean stop
 
     summary = json.loads((out / "info" / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["last_epoch"] == 2
     assert "2 end" not in _progress(progress)  # stopped after the current iteration, not the epoch
     (last,) = (out / "checkpoints").glob("model_*_last.pth")
     assert last.name == "model_002_last.pth" and summary["last_checkpoint"] == str(last)
+    epoch_1 = torch.load(out / "checkpoints" / "model_001.pth")
+    assert any(not torch.equal(t, epoch_1[k]) for k, t in torch.load(last).items())  # trained on in epoch 2
     assert not _temp_files(out)
     assert_every_file_loads(out)
     assert [r["epoch"] for r in _metrics(out)] == [1]

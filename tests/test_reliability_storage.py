@@ -15,7 +15,7 @@ import torch
 
 from custom_net import sly_seg_dataset as data
 from custom_net.reporting import Reporter
-from custom_net.train import ArgsError, main
+from custom_net.train import cli, main
 from custom_net.utils import StorageError
 from tests.conftest import TINY_TRAIN_ARGS
 from tests.test_reliability_kill import assert_every_file_loads
@@ -72,18 +72,23 @@ def _assert_epoch_1_intact(out: Path) -> None:
     assert_every_file_loads(out)
 
 
-def test_read_only_output_fails_before_training(tiny_project, tmpfs):
+def _cli_error(capsys, argv: list[str]) -> str:
+    """Run the command line, expect exit code 2 and return its one error line."""
+    assert cli(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, errors
+    return errors[0].removeprefix("error: ")
+
+
+def test_read_only_output_fails_before_training(tiny_project, tmpfs, capsys):
     read_only = tmpfs("1m", "ro")
-    with pytest.raises(ArgsError) as info:
-        main(["--project-dir", str(tiny_project), *ARGS, "--output", str(read_only / "run")], reporter=Reporter())
-    assert str(info.value) == f"--output: cannot write to {read_only} (read-only or no permission)"
+    message = _cli_error(capsys, ["--project-dir", str(tiny_project), *ARGS, "--output", str(read_only / "run")])
+    assert message == f"--output: cannot write to {read_only} (read-only or no permission)"
 
 
-def test_too_little_space_fails_before_training(tiny_project, tmpfs):
+def test_too_little_space_fails_before_training(tiny_project, tmpfs, capsys):
     small = tmpfs("100m")
-    with pytest.raises(ArgsError) as info:
-        main(["--project-dir", str(tiny_project), *ARGS, "--output", str(small / "run")], reporter=Reporter())
-    message = str(info.value)
+    message = _cli_error(capsys, ["--project-dir", str(tiny_project), *ARGS, "--output", str(small / "run")])
     assert message.startswith(f"--output: {small} has 100 MB free, but this run's checkpoints need about ")
     assert "--max-keep-ckpts" in message
     assert not (small / "run").exists()
