@@ -45,7 +45,7 @@ def _train(argv: list[str], progress: str) -> None:
 def trainer():
     """Starts a training child: ``trainer(argv, progress_path) -> Process``."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["custom_net.train", __name__])
+    ctx.set_forkserver_preload(["custom_net.train", "matplotlib.pyplot", __name__])  # charts import pyplot late
 
     def start(argv: list[str], progress: Path):
         process = ctx.Process(target=_train, args=(argv, str(progress)))
