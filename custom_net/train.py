@@ -537,6 +537,9 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
             # Written on failure too, else a resumed run's old summary would stay (a full disk may refuse it).
             with suppress(StorageError):
                 _write_summary(reporter, info, _summary(args, history, saver, "failed", epoch, output, started))
+            if isinstance(e, StorageError):  # the CLI prints only the exception: say what is safe and how to go on
+                raise StorageError(f"{e}; the checkpoints saved so far are intact in {checkpoints}; "
+                                   f"once it can be written, continue with --resume {output}") from None
             raise
 
     last = saver.on_train_end(model, max(epoch, 1))  # a stop in epoch 1 still leaves model_001_last.pth

@@ -204,9 +204,11 @@ def atomic_write(path: Path, write) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         error = StorageError(f"cannot write {path}: {e.strerror or e}")
         error.errno = e.errno
         raise error from None

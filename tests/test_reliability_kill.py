@@ -68,11 +68,11 @@ def _wait_for(condition, process, timeout: float = 120.0, what: str = "") -> Non
     while not condition():
         assert process.is_alive(), f"the training process ended (exit code {process.exitcode}) before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
+        time.sleep(0.005)
 
 
 def _progress(path: Path) -> list[str]:
-    """'EPOCH ITERATION' per training step and 'EPOCH end' per epoch so far."""
+    """'start', then 'EPOCH ITERATION' per training step and 'EPOCH end' per epoch, so far."""
     seen = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
@@ -83,6 +83,8 @@ def _progress(path: Path) -> list[str]:
             seen.append(f"{event['epoch']} {event['iteration']}")
         elif event["event"] == "epoch_end":
             seen.append(f"{event['epoch']} end")
+        elif event["event"] == "start":
+            seen.append("start")
     return seen
 
 
@@ -93,7 +95,12 @@ def _kill(process, sig=signal.SIGKILL) -> None:
 
 
 def _temp_files(run: Path) -> list[Path]:
-    return [p for p in run.rglob(".*.tmp")]
+    return list(run.rglob(".*.tmp"))
+
+
+def _saving(run: Path) -> list[Path]:
+    """Temporary files of checkpoint saves under way (or cut short)."""
+    return list((run / "checkpoints").glob(".*.tmp"))
 
 
 def assert_every_file_loads(run: Path) -> None:
@@ -146,8 +153,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(trainer, reference, 
 
 
 def test_sigkill_during_saves_leaves_no_truncated_file(trainer, reference, tiny_project, tmp_path):
-    """Killed three times, twice the moment a save is under way and once at a random moment after the first
-    epoch, resumed each time: every file under its final name loads after every kill."""
+    """Killed three times and resumed each time: the moment a checkpoint save is under way, a random moment
+    after the first epoch, and a random moment up to 50 ms into a save. Every file under its final name loads
+    after every kill."""
     out, progress = tmp_path / "run", tmp_path / "progress"
     seed = random.randrange(2**32)
     print(f"kill moments from random seed {seed}")  # shown when the test fails
@@ -155,17 +163,23 @@ def test_sigkill_during_saves_leaves_no_truncated_file(trainer, reference, tiny_
     argv = ["--project-dir", str(tiny_project), *ARGS, "--output", str(out)]
     kills = 0
     for attempt in range(3):
+        progress.unlink(missing_ok=True)
         child = trainer(argv if attempt == 0 else ["--resume", str(out)], progress)
-        _wait_for(lambda: (out / "checkpoints" / "resume_state.pt").exists(), child, what="the first resume state")
+        # Training has started (a resume has removed old temporary files) and there is a resume state to go back to.
+        _wait_for(lambda: "start" in _progress(progress) and (out / "checkpoints" / "resume_state.pt").exists(),
+                  child, what="the first resume state")
         if attempt == 1:
             time.sleep(rng.uniform(0, 1.0))
         else:
-            _wait_for(lambda: _temp_files(out) or not child.is_alive(), child, what="a save")
-            time.sleep(rng.uniform(0, 0.05))
+            _wait_for(lambda: _saving(out) or not child.is_alive(), child, what="a checkpoint save")
+            if attempt == 2:
+                time.sleep(rng.uniform(0, 0.05))
         if not child.is_alive():  # finished before the kill landed: nothing more to try
             break
         _kill(child)
         kills += 1
+        if attempt == 0:
+            assert _saving(out), "the kill did not land inside a save (its temporary file would be left)"
         assert_every_file_loads(out)
     assert kills >= 2, "the run finished before it could be killed"
     assert main(["--resume", str(out)], reporter=Reporter())["status"] == "finished"

@@ -40,8 +40,9 @@ FAULTS = [
           "Resumes at the last completed epoch; final weights, every checkpoint and `metrics.jsonl` are bitwise "
           "equal to the uninterrupted run",
           (KILL + "test_sigkill_mid_epoch_then_resume_equals_uninterrupted",)),
-    Fault("crash", "`SIGKILL` during saves: three kills, two while an artifact is being written (its temporary "
-                   "file exists), one at a random moment; `--resume` after each",
+    Fault("crash", "`SIGKILL` during saves, three times with `--resume` after each: the moment a checkpoint save "
+                   "is under way (its temporary file is left behind: the kill landed mid-save), at a random moment, "
+                   "and at a random moment up to 50 ms into a save",
           "After every kill each file under its final name loads (state dicts, resume state, JSON, "
           "`metrics.jsonl`, PNG); leftover temporary files are removed on resume; the result is bitwise equal",
           (KILL + "test_sigkill_during_saves_leaves_no_truncated_file",)),
@@ -73,11 +74,12 @@ FAULTS = [
           "exit code 2, nothing written",
           (STORAGE + "test_too_little_space_fails_before_training",)),
     Fault("storage", "Output folder remounted read-only after epoch 1",
-          "`StorageError`: `cannot write .../info/metrics.jsonl: Read-only file system`, reported to the reporter "
-          "with the checkpoint folder; epoch-1 checkpoints and resume state load; once writable, `--resume` finishes",
+          "`StorageError`: `cannot write .../info/metrics.jsonl: Read-only file system; the checkpoints saved so far "
+          "are intact in DIR; once it can be written, continue with --resume RUN`; epoch-1 checkpoints and resume "
+          "state load; once writable, `--resume` finishes",
           (STORAGE + "test_output_becomes_read_only_during_training",)),
     Fault("storage", "Disk filled by another program after epoch 1",
-          "`StorageError`: `cannot write .../model_002.pth: No space left on device`; the partial temporary file "
+          "`StorageError`: `cannot write .../model_002.pth: No space left on device; ...`; the partial temporary file "
           "is deleted, epoch-1 files intact, `summary.json` `failed`; after freeing space `--resume` finishes",
           (STORAGE + "test_disk_fills_during_training_then_resume_finishes",)),
     Fault("storage", "`--cache-dir` too small for the decoded-image cache",
