@@ -555,8 +555,10 @@ def _write_metrics_log(info: Path, history: list[dict]) -> None:
 
 
 def _write_summary(reporter, info: Path, summary: dict) -> dict:
-    atomic_write_json(info / "summary.json", summary)
-    reporter.finish(summary)
+    try:
+        atomic_write_json(info / "summary.json", summary)
+    finally:  # a full or read-only disk must not keep the dashboard waiting for the end
+        reporter.finish(summary)
     return summary
 
 

@@ -53,7 +53,7 @@ class AfterEpoch(Reporter):
 
     def __init__(self, epoch: int, action):
         super().__init__()
-        self.epoch, self.action, self.messages = epoch, action, []
+        self.epoch, self.action, self.messages, self.summary = epoch, action, [], None
 
     def epoch_end(self, epoch, record):
         if epoch == self.epoch:
@@ -61,6 +61,9 @@ class AfterEpoch(Reporter):
 
     def message(self, level, text):
         self.messages.append((level, text))
+
+    def finish(self, summary):
+        self.summary = summary
 
 
 def _assert_epoch_1_intact(out: Path) -> None:
@@ -105,6 +108,8 @@ def test_output_becomes_read_only_during_training(tiny_project, tmpfs):
                                f"saved so far are intact in {out / 'checkpoints'}; once it can be written, "
                                f"continue with --resume {out}")
     assert any(level == "error" and str(out / "checkpoints") in text for level, text in reporter.messages)
+    assert reporter.summary["status"] == "failed"  # told, though summary.json cannot be written
+    assert not (out / "info" / "summary.json").exists()
     _assert_epoch_1_intact(out)
 
     _remount(point, "rw")

@@ -75,8 +75,8 @@ FAULTS = [
           (STORAGE + "test_too_little_space_fails_before_training",)),
     Fault("storage", "Output folder remounted read-only after epoch 1",
           "`StorageError`: `cannot write .../info/metrics.jsonl: Read-only file system; the checkpoints saved so far "
-          "are intact in DIR; once it can be written, continue with --resume RUN`; epoch-1 checkpoints and resume "
-          "state load; once writable, `--resume` finishes",
+          "are intact in DIR; once it can be written, continue with --resume RUN`; the reporter still gets "
+          "`finish` (status `failed`); epoch-1 checkpoints and resume state load; once writable, `--resume` finishes",
           (STORAGE + "test_output_becomes_read_only_during_training",)),
     Fault("storage", "Disk filled by another program after epoch 1",
           "`StorageError`: `cannot write .../model_002.pth: No space left on device; ...`; the partial temporary file "
