@@ -31,6 +31,7 @@ EPOCHS = 3
 ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--epochs", str(EPOCHS), "--amp", "off",
         "--metrics-period", "1", "--checkpoint-interval", "1", "--max-keep-ckpts", "2",
         "--sly-augs-path", "seg_simple_rotate_crop_flipLR_flipUD"]
+PNG_END = b"IEND\xaeB`\x82"  # the closing chunk of every PNG
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:imgaug.*", "ignore::DeprecationWarning:imageio.*")
 
 
@@ -121,8 +122,9 @@ def assert_every_file_loads(run: Path) -> None:
         elif name.endswith(".json"):
             json.loads(path.read_text(encoding="utf-8"))
         elif name.endswith(".png"):
+            assert path.read_bytes().endswith(PNG_END), f"{path}: truncated"  # decoders forgive a missing end
             with Image.open(path) as image:
-                image.load()  # raises on a truncated file
+                image.load()  # raises when pixel data is cut short
         elif name.endswith(".py"):
             ast.parse(path.read_text(encoding="utf-8"))
         else:
