@@ -123,11 +123,11 @@ def test_greyscale_png_is_replicated_to_rgb(decoded, tiny_project):
 def test_exif_rotated_jpeg_is_upright_and_matches_its_mask(decoded):
     clean, hostile = decoded
     (image, mask), (clean_image, clean_mask) = hostile[_item("img_0003")], clean[_item("img_0003")]
-    assert image.shape == clean_image.shape
+    assert image.shape == clean_image.shape  # not the stored, turned shape
     np.testing.assert_array_equal(mask, clean_mask)
     error = np.abs(image.astype(int) - clean_image.astype(int)).mean()
-    unrotated = np.abs(np.rot90(image, k=2).astype(int) - clean_image.astype(int)).mean()  # any wrong turn differs a lot
-    assert error < 3 < unrotated, (error, unrotated)
+    upside_down = np.abs(np.rot90(image, k=2).astype(int) - clean_image.astype(int)).mean()  # a wrong turn
+    assert error < 3 < upside_down, (error, upside_down)
 
 
 def test_exif_rotated_jpeg_with_annotation_of_stored_size_names_both(tmp_path, hostile_project):

@@ -60,7 +60,8 @@ def trainer():
 def reference(tiny_project, tmp_path_factory) -> Path:
     """The uninterrupted run, in this process."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    assert main(["--project-dir", str(tiny_project), *ARGS, "--output", str(out)], reporter=Reporter())["status"] == "finished"
+    summary = main(["--project-dir", str(tiny_project), *ARGS, "--output", str(out)], reporter=Reporter())
+    assert summary["status"] == "finished"
     return out
 
 

@@ -32,8 +32,8 @@ def tmpfs(tmp_path):
     def mount(size: str, *options: str) -> Path:
         point = tmp_path / f"mnt{len(mounted)}"
         point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(point)],
-                                capture_output=True, text=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs",
+                                 str(point)], capture_output=True, text=True)
         if result.returncode:
             pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
         mounted.append(point)
@@ -126,7 +126,8 @@ def test_disk_fills_during_training_then_resume_finishes(tiny_project, tmpfs):
 
     with pytest.raises(StorageError) as info:
         main(["--project-dir", str(tiny_project), *ARGS, "--output", str(out)], reporter=AfterEpoch(1, fill_disk))
-    assert str(info.value).startswith(f"cannot write {out / 'checkpoints' / 'model_002.pth'}: No space left on device; ")
+    model_002 = out / "checkpoints" / "model_002.pth"
+    assert str(info.value).startswith(f"cannot write {model_002}: No space left on device; ")
     _assert_epoch_1_intact(out)
     summary = json.loads((out / "info" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["last_epoch"] == 2
