@@ -118,6 +118,9 @@ class UNet(nn.Module):
         self.pool_factors = [2, 2, 2, 4]  # downsampling before down[1..4]; the original pooled 4x at the bottom
         self.conv_final = nn.Conv2d(widths[0], num_classes, 1)
 
+    def encoder_modules(self) -> list[nn.Module]:
+        return []
+
     def forward(self, x):
         skips = [self.down[0](x)]
         for factor, stage in zip(self.pool_factors, self.down[1:]):
@@ -141,6 +144,7 @@ class _VGGUNet(nn.Module):
         super().__init__()
         # Only the conv features: building the whole VGG would initialise a 100M-parameter classifier.
         self.encoder = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs[self.vgg_config])
+        init_untrained_layers(self.encoder, set(), "fan_out")  # as torchvision's VGG (so the original app) did
         if encoder_weights:
             weights_enum = torchvision.models.get_model_weights(self.vgg_name).IMAGENET1K_V1
             load_imagenet_weights(self.encoder, weights_enum, None if encoder_weights == "imagenet" else encoder_weights,
@@ -157,6 +161,9 @@ class _VGGUNet(nn.Module):
             setattr(self, name, DeconvDecoderBlock(c_in, m, c))
         self.dec1 = ConvRelu(base * 3, base)
         self.final = nn.Conv2d(base, num_classes, kernel_size=1)
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.encoder]
 
     def forward(self, x):
         conv1 = self.conv1(x)
@@ -219,6 +226,9 @@ class AlbuNet(nn.Module):
         self.dec0 = ConvRelu(base, base)
         self.final = nn.Conv2d(base, num_classes, kernel_size=1)
 
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.encoder]
+
     def forward(self, x):
         conv1 = self.conv1(x)
         conv2 = self.conv2(conv1)
@@ -276,6 +286,9 @@ class LinkNet34(nn.Module):
         self.finalrelu2 = nn.ReLU(inplace=True)
         self.finalconv3 = nn.Conv2d(32, num_classes, 2, padding=1)
 
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.firstconv, self.firstbn, self.encoder1, self.encoder2, self.encoder3, self.encoder4]
+
     def forward(self, x):
         stem = self.firstmaxpool(self.firstrelu(self.firstbn(self.firstconv(x))))
         e1 = self.encoder1(stem)
@@ -305,10 +318,36 @@ class UnknownModelError(ValueError):
     """A model name outside ``model_list`` or weights it cannot take; the message lists the choices."""
 
 
-def build_model(name: str, num_classes: int, encoder_weights: str | None = None) -> nn.Module:
+INIT_SCHEMES = ("he", "original")
+
+
+def build_model(name: str, num_classes: int, encoder_weights: str | None = None, init: str = "he") -> nn.Module:
+    """``init``: 'he' = He initialisation for every layer not loaded from ImageNet; 'original' = each
+    layer's own default, as the original app built them."""
     if name not in model_list:
         raise UnknownModelError(f"unknown model {name!r}; choose from {', '.join(model_list)}")
     weights = None if encoder_weights in (None, "", "none") else encoder_weights
     if weights and not model_list[name]["pretrained_encoder"]:
         raise UnknownModelError(f"--encoder-weights: {name} has no pretrained encoder; use --encoder-weights none")
-    return model_list[name]["class"](num_classes=num_classes, encoder_weights=weights)
+    model = model_list[name]["class"](num_classes=num_classes, encoder_weights=weights)
+    if init not in INIT_SCHEMES:
+        raise UnknownModelError(f"unknown init {init!r}; choose from {', '.join(INIT_SCHEMES)}")
+    if init == "he":
+        pretrained = {id(p) for m in model.encoder_modules() for p in m.parameters()} if weights else set()
+        init_untrained_layers(model, pretrained)
+    return model
+
+
+def init_untrained_layers(model: nn.Module, keep: set[int], mode: str = "fan_in") -> None:
+    """He (Kaiming) initialisation for every conv layer whose weights are not in ``keep``.
+
+    PyTorch's default conv init scales weights for variance 1/(3 fan_in): through the
+    BatchNorm-free ReLU layers of these decoders (and of a VGG encoder) the signal fades, and
+    from scratch the models sit on a single class for many epochs. He init with fan_in keeps the
+    forward variance per layer, also where a decoder narrows the channels.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and id(module.weight) not in keep:
+            nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)

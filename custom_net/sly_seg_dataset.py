@@ -288,7 +288,9 @@ class EpochSampler(Sampler):
 
 
 class SlySegDataset(Dataset):
-    """(image uint8 (H, W, 3), mask int64 (H, W)) pairs from prepared data, augmented on the fly.
+    """(image uint8 (H, W, 3), mask uint8 (H, W)) pairs from prepared data, augmented on the fly.
+
+    Masks stay uint8 until they reach the device (``forward_batch``): 8x less to copy than int64.
 
     Indices come from ``EpochSampler``; plain indices 0..n-1 (epoch 0) work too.
     """
@@ -311,7 +313,15 @@ class SlySegDataset(Dataset):
                 self._augmenter = augs.build_augmenter(self.augs_config)
             sample_seed = (self.seed * 1_000_003 + epoch * 100_003 + index) % (2**31)
             image, mask = augs.augment(self._augmenter, image, mask, sample_seed)
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(mask.astype(np.int64))
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask))
+
+
+def collate_batch(samples):
+    """Stack (image, mask) samples with numpy: a plain memcpy, where torch.stack opens a parallel
+    region per call that costs tens of milliseconds when the cores are busy with training."""
+    images, masks = zip(*samples)
+    return (torch.from_numpy(np.stack([i.numpy() for i in images])),
+            torch.from_numpy(np.stack([m.numpy() for m in masks])))
 
 
 # ---- splits --------------------------------------------------------------------------

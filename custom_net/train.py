@@ -29,19 +29,28 @@ import torch
 from torch.utils.data import DataLoader
 
 from custom_net import augs, sly_seg_dataset as data
+from custom_net.evaluate import evaluate_training_run
 from custom_net.inference import predict_probabilities
 from custom_net.loss import LOSSES, build_loss
-from custom_net.model import UnknownModelError, build_model, model_list
+from custom_net.model import INIT_SCHEMES, UnknownModelError, build_model, model_list
 from custom_net.reporting import ConsoleReporter, JsonLinesReporter, Reporter
 from custom_net.utils import (AMP_MODES, LR_SCHEDULES, OPTIMIZERS, CheckpointSaver, NonFiniteLoss, StopRequested,
                               StorageError, atomic_torch_save, atomic_write_json, atomic_write_text, build_optimizer,
-                              build_scheduler, current_lr, resolve_amp, seed_everything, select_device, train_one_epoch)
+                              build_scheduler, current_lr, resolve_amp, resolve_num_workers, seed_everything,
+                              select_device, train_one_epoch)
 from custom_net.validation import evaluate
 from custom_net.visualize import preview_panel, save_charts, save_png
 
 BEST_METRICS = ("mean_fg_iou", "mean_iou", "mean_fg_dice", "mean_dice", "pixel_accuracy", "val_loss")
 SPLIT_METHODS = ("random", "datasets", "tags", "files")
+COLLAPSE_ROUNDS = 3  # validation rounds predicting one class before the run warns
 RESUME_STATE = "resume_state.pt"  # not *.pth: model_*.pth files must stay plain state dicts
+
+# --preset original: the original app's recipe, to compare with or to repeat its runs. Its one
+# quirk is kept too: the epoch schedule stepped before each epoch, so every decay came an epoch early.
+ORIGINAL_PRESET = dict(optimizer="Adam", lr=1e-3, weight_decay=1e-4, lr_schedule="StepLR", step_size=5, gamma_step=0.1,
+                       loss="jaccard_nll", jaccard_weight=0.5, class_weights=None, sly_augs_path="", epochs=10,
+                       scheduler_order="before", init="original", best_metric="val_loss")
 
 # --demo: small enough to train on a laptop CPU in a few minutes.
 DEMO_DEFAULTS = dict(model="UNet", encoder_weights="none", epochs=20, input_height=128, input_width=160,
@@ -73,6 +82,15 @@ def _size(text):
     return value
 
 
+def _workers(text):
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 'auto' or >= 0")
+    return value
+
+
 def _positive_float(text):
     value = float(text)
     if not value > 0:
@@ -94,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--project-dir", help="Supervisely-format project folder")
     g.add_argument("--demo", action="store_true", help="build a synthetic demo project and train on it with CPU-sized defaults")
     g.add_argument("--train-args", metavar="JSON", help="train_args.json of an earlier run: its values become the defaults")
+    g.add_argument("--preset", choices=("default", "original"), default="default",
+                   help="'original' = the original app's recipe (Adam 1e-3, StepLR 5/0.1 stepped first, jaccard_nll, "
+                        "no augs, 10 epochs); flags given explicitly still win")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR from its last saved epoch")
     g.add_argument("--classes", nargs="+", metavar="CLASS", help="classes to segment, in this order (default: all with area); __bg__ is added")
     g.add_argument("--split", choices=SPLIT_METHODS, default="random", help="how to make train / val sets")
@@ -113,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", choices=list(model_list), default="UNet11", help="architecture")
     g.add_argument("--encoder-weights", default="auto",
                    help="ImageNet encoder weights: 'imagenet' (torch cache), a file path, 'none', or 'auto' (imagenet if cached, else none)")
+    g.add_argument("--init", choices=INIT_SCHEMES, default="he",
+                   help="initialisation of layers not loaded from ImageNet: he, or original (each layer's default)")
     g.add_argument("--custom-weights", default="", metavar="PTH", help="start from this state dict (e.g. a model_*.pth of an earlier run)")
 
     g = p.add_argument_group("training")
@@ -124,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seeds the split, initial weights, order and augmentations")
     g.add_argument("--amp", choices=AMP_MODES, default="auto", help="mixed precision (auto = bf16 where the device runs it fast)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model: pays on long GPU runs; compiling costs minutes, and on a CPU it was slower")
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="Adam")
@@ -140,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma-exp", type=float, default=0.9, help="ExponentialLR factor per epoch")
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="cosine: linear warmup length in epochs")
     g.add_argument("--min-lr", type=float, default=1e-6, help="cosine: final learning rate")
+    g.add_argument("--scheduler-order", choices=("after", "before"), default="after",
+                   help="epoch schedules: step after each epoch, or before it as the original app did")
 
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--val-interval", type=_positive_int, default=1, help="validate every N epochs (and after the last)")
@@ -148,11 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-keep-ckpts", type=int, default=2, help="how many model_NNN.pth to keep (-1 = all)")
     g.add_argument("--save-best", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--save-last", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="after training, evaluate the best checkpoint on the validation set into <output>/eval/")
+    g.add_argument("--speed-test", action=argparse.BooleanOptionalAction, default=True, help="include a speed test in the evaluation")
 
     g = p.add_argument_group("system and output")
     g.add_argument("--output", default="results/run", help="artifact folder (a free name is chosen if it exists)")
     g.add_argument("--gpu-id", default="auto", help="'cpu', 'cuda:N', or 'auto' (first GPU if any)")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--num-workers", type=_workers, default="auto",
+                   help="DataLoader worker processes; auto = none on the CPU (the cores train), up to 8 with a GPU")
     g.add_argument("--cache-dir", default=None, help="where the decoded-image cache lives during the run (default: system temp)")
     g.add_argument("--metrics-period", type=_positive_int, default=10, help="report training loss every N iterations")
     g.add_argument("--vis-count", type=int, default=3, help="prediction-preview items per split")
@@ -204,8 +235,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**{**_load_json_defaults(parser, str(run_args)), "output": str(first.resume)})
     elif first.train_args:
         parser.set_defaults(**_load_json_defaults(parser, first.train_args))
-    elif first.demo:
-        parser.set_defaults(**DEMO_DEFAULTS)
+    else:
+        if first.demo:
+            parser.set_defaults(**DEMO_DEFAULTS)
+        if first.preset == "original":
+            parser.set_defaults(**ORIGINAL_PRESET)
     args = parser.parse_args(argv)
     if args.resume:
         args.output = args.resume
@@ -217,8 +251,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ArgsError("--split files needs --train-set and --val-set")
     if args.checkpoint_interval < 0:
         raise ArgsError("--checkpoint-interval must be >= 0")
-    if args.num_workers < 0:
-        raise ArgsError("--num-workers must be >= 0")
     return args
 
 
@@ -387,7 +419,7 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
     device = select_device(args.gpu_id)
     amp_dtype = resolve_amp(args.amp, device)
     seed_everything(args.seed)
-    model = build_model(args.model, len(model_classes), args.encoder_weights)
+    model = build_model(args.model, len(model_classes), args.encoder_weights, args.init)
     if args.custom_weights:
         _load_custom_weights(model, args.custom_weights, report)
     criterion = build_loss(args.loss, len(model_classes), args.jaccard_weight, args.class_weights)
@@ -426,12 +458,15 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
     model.to(device, memory_format=memory_format)
     criterion.to(device)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay, args.nesterov)
+    step_model = torch.compile(model) if args.compile else model  # checkpoints still come from `model`
 
     train_set = data.SlySegDataset(train_data, augs_config, seed=args.seed)
     val_set = data.SlySegDataset(val_data)
     sampler = data.EpochSampler(len(train_set), args.seed, shuffle=True)
-    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                         persistent_workers=args.num_workers > 0)
+    workers = resolve_num_workers(args.num_workers, device)
+    # Workers live for the whole run and keep batches queued; pinned memory makes copies to the GPU asynchronous.
+    loader_kwargs = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=data.collate_batch,
+                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **loader_kwargs)
     val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **loader_kwargs)
     scheduler, per_iteration = build_scheduler(args, optimizer, len(train_loader))
@@ -504,17 +539,23 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
                     if reporter.should_stop():
                         raise StopRequested()
 
+                if scheduler is not None and not per_iteration and args.scheduler_order == "before":
+                    with warnings.catch_warnings():  # torch warns about exactly this order, which is the point
+                        warnings.simplefilter("ignore", UserWarning)
+                        scheduler.step()
                 lr = current_lr(optimizer)
-                train_loss = train_one_epoch(model, criterion, optimizer, train_loader, device, epoch=epoch,
+                train_loss = train_one_epoch(step_model, criterion, optimizer, train_loader, device, epoch=epoch,
                                              scheduler=scheduler if per_iteration else None, scaler=scaler,
                                              amp_dtype=amp_dtype, memory_format=memory_format, on_step=on_step)
-                if scheduler is not None and not per_iteration:
+                if scheduler is not None and not per_iteration and args.scheduler_order == "after":
                     scheduler.step()
                 record = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
                 if epoch % args.val_interval == 0 or epoch == args.epochs:
-                    record.update(evaluate(model, criterion, val_loader, device, class_names, amp_dtype, memory_format,
+                    record.update(evaluate(step_model, criterion, val_loader, device, class_names, amp_dtype, memory_format,
                                            progress=lambda done, total, e=epoch: reporter.val_progress(e, done, total)))
                 history.append(record)
+                if _collapse_warning(history, epoch == args.epochs):
+                    report("warning", _collapse_advice(args, record["collapsed_to"]))
                 _write_metrics_log(info, history)
                 saver.on_epoch_end(model, epoch, record if "val_loss" in record else None)
                 if epoch % vis_interval == 0 or epoch == args.epochs:
@@ -545,7 +586,35 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
     last = saver.on_train_end(model, max(epoch, 1))  # a stop in epoch 1 still leaves model_001_last.pth
     if history:
         save_charts(history, info / "charts", class_names)
-    return _write_summary(reporter, info, _summary(args, history, saver, status, epoch, output, started, last))
+    summary = _summary(args, history, saver, status, epoch, output, started, last)
+    if args.eval and status == "finished":  # a stopped run was asked to end now
+        summary["eval"] = evaluate_training_run(summary, args.project_dir, val_data.items, device, args.amp,
+                                                args.speed_test, args.batch_size, report)
+    return _write_summary(reporter, info, summary)
+
+
+def _collapse_warning(history: list[dict], last_epoch: bool) -> bool:
+    """Warn once: after COLLAPSE_ROUNDS validation rounds in a row that predicted one class, or at the
+    end of a shorter run whose last round did."""
+    rounds = [r.get("collapsed_to") for r in history if "val_loss" in r]
+    if not rounds or not rounds[-1]:
+        return False
+    streak = next((i for i, c in enumerate(reversed(rounds)) if c != rounds[-1]), len(rounds))
+    return streak == COLLAPSE_ROUNDS or (last_epoch and streak < COLLAPSE_ROUNDS)
+
+
+def _collapse_advice(args, class_name: str) -> str:
+    tips = []
+    if args.loss != "ce_dice":
+        tips.append("--loss ce_dice (its Dice term resists a dominant class)")
+    if args.init != "he":
+        tips.append("--init he")
+    tips.append("--class-weights to weigh rare classes up" if not args.class_weights else "larger --class-weights")
+    tips.append(f"a lower --lr than {args.lr:g}" if args.lr >= 3e-3 else "more --epochs")
+    if not args.sly_augs_path:
+        tips.append("an augmentation template (--sly-augs-path)")
+    return (f"the model predicts {class_name!r} almost everywhere on validation: it has collapsed to one class. "
+            f"Try {'; '.join(tips)}.")
 
 
 def _write_metrics_log(info: Path, history: list[dict]) -> None:

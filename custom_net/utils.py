@@ -54,6 +54,16 @@ def select_device(gpu_id: str) -> torch.device:
     return device
 
 
+def resolve_num_workers(setting: int | str, device: torch.device) -> int:
+    """``--num-workers auto``: on the CPU the cores are busy training, and loading from the cache is cheap;
+    a GPU is kept fed by worker processes that decode and augment ahead of it."""
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def cpu_has_fast_bf16() -> bool:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX512_BF16", "AMX", "AVX512_AMX"):
@@ -123,9 +133,9 @@ def current_lr(optimizer) -> float:
 
 def forward_batch(model, images, masks, device, amp_dtype=None, memory_format=torch.contiguous_format):
     """Move a (uint8 images, index masks) batch to ``device``, normalise there, run the model.
-    Returns (logits, masks on the device)."""
+    Returns (logits, int64 masks on the device)."""
     images = images.to(device, non_blocking=True)
-    masks = masks.to(device, non_blocking=True)
+    masks = masks.to(device, non_blocking=True).long()
     inputs = normalize_batch(images).contiguous(memory_format=memory_format)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         return model(inputs), masks

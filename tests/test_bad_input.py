@@ -265,7 +265,7 @@ def test_batch_larger_than_train_set_warns_and_trains(tiny_project, tmp_path):
     summary = main([*ARGS, "--project-dir", str(tiny_project), "--batch-size", "16", "--output", str(out)],
                    reporter=reporter)
     assert summary["status"] == "finished" and summary["last_epoch"] == 1
-    warnings = [text for level, text in reporter.messages if level == "warning"]
+    warnings = [text for level, text in reporter.messages if level == "warning" and "--batch-size" in text]
     assert len(warnings) == 1, reporter.messages
     n_train = len(json.loads((out / "info" / "train_set.json").read_text()))
     assert n_train == 10  # 12 items, 20% for validation

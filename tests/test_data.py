@@ -486,7 +486,7 @@ def _epoch_batches(prepared, seed, epoch, augs_config=None, num_workers=0):
     dataset = data.SlySegDataset(prepared, augs_config, seed=seed)
     sampler = data.EpochSampler(len(dataset), seed, shuffle=True)
     sampler.set_epoch(epoch)
-    loader = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=num_workers, collate_fn=data.collate_batch)
     return list(sampler), [(images.clone(), masks.clone()) for images, masks in loader]
 
 
@@ -514,7 +514,7 @@ def test_dataset_batches_repeat_per_seed_and_epoch(tiny_prepared):
     assert order == order_again and len(batches) == 3
     for (i1, m1), (i2, m2) in zip(batches, batches_again):
         assert i1.shape == (4, 64, 64, 3) and i1.dtype == torch.uint8
-        assert m1.shape == (4, 64, 64) and m1.dtype == torch.int64
+        assert m1.shape == (4, 64, 64) and m1.dtype == torch.uint8
         assert torch.equal(i1, i2) and torch.equal(m1, m2)
     order_next, batches_next = _epoch_batches(tiny_prepared, 5, 2, config)
     assert [k % 12 for k in order_next] != [k % 12 for k in order]  # another epoch, another order
@@ -527,7 +527,7 @@ def test_dataset_without_augs_returns_cache(tiny_prepared):
         image, mask = dataset[key]
         index = key % 12
         assert torch.equal(image, torch.from_numpy(np.asarray(tiny_prepared.images[index])))
-        assert torch.equal(mask, torch.from_numpy(np.asarray(tiny_prepared.masks[index]).astype(np.int64)))
+        assert torch.equal(mask, torch.from_numpy(np.asarray(tiny_prepared.masks[index])))
 
 
 def test_dataset_augmentation_independent_of_workers(tiny_prepared):

@@ -28,8 +28,8 @@ from tests.test_train_e2e import _assert_same_weights, _checkpoints, _metrics
 
 EPOCHS = 3
 # 10 training items, batch 4: 3 iterations per epoch. Augmentations on, so their seeding is checked too.
-ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--epochs", str(EPOCHS), "--amp", "off",
-        "--metrics-period", "1", "--checkpoint-interval", "1", "--max-keep-ckpts", "2",
+ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--no-eval", "--epochs", str(EPOCHS),
+        "--amp", "off", "--metrics-period", "1", "--checkpoint-interval", "1", "--max-keep-ckpts", "2",
         "--sly-augs-path", "seg_simple_rotate_crop_flipLR_flipUD"]
 PNG_END = b"IEND\xaeB`\x82"  # the closing chunk of every PNG
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:imgaug.*", "ignore::DeprecationWarning:imageio.*")

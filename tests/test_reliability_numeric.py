@@ -13,8 +13,8 @@ import custom_net.train as train_module
 from custom_net.train import cli
 from tests.conftest import TINY_TRAIN_ARGS
 
-ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--epochs", "2", "--amp", "off",
-        "--optimizer", "SGD", "--checkpoint-interval", "1", "--max-keep-ckpts", "-1"]
+ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--no-eval", "--epochs", "2",
+        "--amp", "off", "--optimizer", "SGD", "--checkpoint-interval", "1", "--max-keep-ckpts", "-1"]
 
 
 class _InfiniteGradient(torch.autograd.Function):

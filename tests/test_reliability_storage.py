@@ -20,8 +20,8 @@ from custom_net.utils import StorageError
 from tests.conftest import TINY_TRAIN_ARGS
 from tests.test_reliability_kill import assert_every_file_loads
 
-ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--epochs", "2", "--amp", "off",
-        "--optimizer", "SGD", "--checkpoint-interval", "1", "--max-keep-ckpts", "1"]
+ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--no-eval", "--epochs", "2",
+        "--amp", "off", "--optimizer", "SGD", "--checkpoint-interval", "1", "--max-keep-ckpts", "1"]
 
 
 @pytest.fixture

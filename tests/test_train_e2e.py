@@ -96,6 +96,9 @@ def test_artifact_tree_is_exactly_the_contract(run_dir):
         "info/metrics.jsonl", "info/summary.json",
         "info/charts/loss.png", "info/charts/lr.png", "info/charts/metrics.png",
         *(f"info/previews/{split}_epoch_{e:03d}.png" for split in ("train", "val") for e in epochs),
+        # --eval, --speed-test (on by default): the best checkpoint on the 2 validation items
+        *(f"eval/{name}" for name in ("metrics.json", "per_image.json", "worst.json", "speed.json", "report.html",
+                                      "confusion_matrix.png", "per_class.png", "speed.png", "worst/01.png", "worst/02.png")),
     }
     found = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     assert found == expected  # also: no .tmp / hidden leftovers of the atomic writes

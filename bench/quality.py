@@ -1,0 +1,89 @@
+"""Do the defaults learn? Every architecture, the same seeded budget, defaults against --preset original.
+
+    python bench/quality.py                          # demo project and ../shared/data/lemons_annotated
+    python bench/quality.py --datasets membranes     # the synthetic thin-structure set (bench/membranes.py)
+    python bench/quality.py --epochs 10 --record     # append the table to bench/RESULTS.md
+
+Trained from scratch (no ImageNet weights: nothing is downloaded), batch 8, seed 0. Reports the
+final mean foreground IoU on the validation split and the wall-clock time of each run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import tempfile
+import time
+from pathlib import Path
+
+from membranes import build as build_membranes
+
+from custom_net.demo import demo_project_dir
+from custom_net.model import model_list
+from custom_net.reporting import Reporter
+from custom_net.train import main as train
+
+LEMONS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lemons_annotated"
+RECIPES = {"defaults": [], "original": ["--preset", "original"]}
+
+
+def datasets(names: list[str], scratch: Path) -> dict[str, tuple[Path, list[str]]]:
+    """name -> (project folder, flags fitting its images)."""
+    found = {}
+    for name in names:
+        if name == "demo":
+            found[name] = (demo_project_dir(), ["--input-height", "128", "--input-width", "160"])
+        elif name == "lemons":
+            if (LEMONS / "meta.json").is_file():
+                found[name] = (LEMONS, ["--input-height", "256", "--input-width", "256"])
+            else:
+                print(f"[quality] {LEMONS} is absent: lemons skipped")
+        elif name == "membranes":
+            # 128 px keeps it cheap on a CPU; borders are 2 px wide at any size.
+            found[name] = (build_membranes(scratch / "membranes", count=30, size=128),
+                           ["--input-height", "128", "--input-width", "128", "--split", "tags"])
+    return found
+
+
+def run(project: Path, flags: list[str], model: str, recipe: str, epochs: int, output: Path) -> dict:
+    argv = ["--project-dir", str(project), "--model", model, "--encoder-weights", "none", "--epochs", str(epochs),
+            "--batch-size", "8", "--seed", "0", "--output", str(output), "--vis-count", "0",
+            "--checkpoint-interval", "0", *flags, *RECIPES[recipe]]
+    start = time.perf_counter()
+    summary = train(argv, reporter=Reporter())
+    final = summary["final"]
+    return {"iou": final["mean_fg_iou"], "seconds": time.perf_counter() - start, "collapsed": final.get("collapsed_to")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["demo", "lemons"], choices=("demo", "lemons", "membranes"))
+    parser.add_argument("--models", nargs="+", default=list(model_list), choices=list(model_list))
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+
+    rows = ["| dataset | model | defaults IoU | time | original IoU | time | defaults win |", "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (project, flags) in datasets(args.datasets, Path(tmp)).items():
+            for model in args.models:
+                result = {recipe: run(project, flags, model, recipe, args.epochs, Path(tmp) / f"{name}_{model}_{recipe}")
+                          for recipe in RECIPES}
+                d, o = result["defaults"], result["original"]
+
+                def cell(r):
+                    return f"{r['iou']:.3f}" + (f" (only {r['collapsed']})" if r["collapsed"] else "")
+                row = (f"| {name} | {model} | {cell(d)} | {d['seconds']:.0f} s | {cell(o)} | {o['seconds']:.0f} s | "
+                       f"{'✅' if d['iou'] > o['iou'] and not d['collapsed'] else '❌'} |")
+                rows.append(row)
+                print(row, flush=True)
+    header = (f"## Quality: {args.epochs} epochs from scratch, batch 8, seed 0 — {datetime.date.today().isoformat()}\n\n"
+              f"`python bench/quality.py --datasets {' '.join(args.datasets)} --epochs {args.epochs}`\n\n")
+    text = header + "\n".join(rows)
+    print("\n" + text)
+    if args.record:
+        with open(Path(__file__).with_name("RESULTS.md"), "a", encoding="utf-8") as f:
+            f.write("\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

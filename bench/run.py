@@ -1,0 +1,389 @@
+"""Speed bench: the project's fast paths against baselines measured in the same run.
+
+    python bench/run.py                 # full bench, prints a table of ratios
+    python bench/run.py --quick         # fewer repetitions (a smoke run, numbers are rough)
+    python bench/run.py --record        # also appends the table to bench/RESULTS.md
+    python bench/run.py --only train    # sections: data, train, infer, quality
+
+Every section runs in its own process, so its peak RSS is its own. Ratios are what matter:
+both sides of a ratio run on the same machine, in the same bench run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+LEMONS = REPO.parent / "shared" / "data" / "lemons_annotated"
+SECTIONS = ("data", "train", "infer", "quality")
+AUGS_TEMPLATE = "seg_simple_rotate_crop_flipLR_flipUD"
+SIZE = 256
+TARGETS = {"data": 10.0, "data+augs": 10.0, "train (geomean)": 3.0, "infer (geomean)": 3.0}
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cuda_peak_mb(device) -> float | None:
+    import torch
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def timed(fn, repeats: int, device=None) -> float:
+    """Seconds per call after one warm-up call."""
+    import torch
+    fn()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def project_dir() -> Path:
+    if (LEMONS / "meta.json").is_file():
+        return LEMONS
+    from custom_net.demo import demo_project_dir
+    return demo_project_dir()
+
+
+# ---- data pipeline ---------------------------------------------------------------------
+
+class NaiveDataset:
+    """How the original app loaded data: per sample, decode the full-size JPEG and colour-mask PNG,
+    find each class colour over all pixels, resize, normalise. The baseline of the data section."""
+
+    def __init__(self, samples, colors, augmenter=None):
+        self.samples, self.colors, self.augmenter = samples, colors, augmenter
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        import cv2
+        import torch
+        from custom_net import augs
+        from custom_net.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+        epoch, index = divmod(key, len(self.samples))
+        image_path, mask_path = self.samples[index]
+        image = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
+        colour_mask = cv2.cvtColor(cv2.imread(str(mask_path)), cv2.COLOR_BGR2RGB)
+        mask = np.zeros(colour_mask.shape[:2], np.uint8)
+        for index_, colour in enumerate(self.colors):
+            mask[np.all(colour_mask == colour, axis=-1)] = index_
+        image = cv2.resize(image, (SIZE, SIZE))
+        mask = cv2.resize(mask, (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
+        if self.augmenter is not None:
+            image, mask = augs.augment(self.augmenter, image, mask, epoch * 1000 + index)
+        image = (image.astype(np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+        return torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32)), torch.from_numpy(mask.astype(np.int64))
+
+
+def bench_data(args) -> dict:
+    import cv2
+    import torch
+    from torch.utils.data import DataLoader
+    from custom_net import augs, sly_seg_dataset as data
+    from custom_net.preprocessing import normalize_batch
+
+    source = project_dir()
+    project = data.open_project(source)
+    items = data.list_items(project)
+    model_classes = data.build_model_classes(project.meta, None)
+    names = [c.name for c in model_classes]
+    colors = [tuple(c.color) for c in model_classes]
+    augs_config = augs.load_augs_config(AUGS_TEMPLATE)
+    samples_per_run = 48 if args.quick else 240
+    result = {"source": source.name, "items": len(items)}
+    with tempfile.TemporaryDirectory() as tmp:
+        # The baseline's input: colour masks as PNG files, as the original's segmentation export wrote them.
+        samples = []
+        index_of = {n: i for i, n in enumerate(names)}
+        for i, item in enumerate(items):
+            _, mask = data.load_item(item, project.meta, index_of)
+            colour = np.array(colors, np.uint8)[mask]
+            mask_path = Path(tmp) / f"{i}.png"
+            cv2.imwrite(str(mask_path), cv2.cvtColor(colour, cv2.COLOR_RGB2BGR))
+            samples.append((item.image_path, mask_path))
+
+        def throughput(dataset, normalise: bool) -> float:
+            epochs = math.ceil(samples_per_run / len(dataset))  # sampler keys encode (epoch, item)
+            loader = DataLoader(dataset, batch_size=8, sampler=range(epochs * len(dataset)), num_workers=0)
+            start, count = time.perf_counter(), 0
+            for images, _ in loader:
+                if normalise:
+                    images = normalize_batch(images)
+                count += len(images)
+            return count / (time.perf_counter() - start)
+
+        start = time.perf_counter()
+        prepared = data.PreparedData(items, project.meta, names, SIZE, SIZE)
+        result["cache_build_s"] = time.perf_counter() - start
+        try:
+            for label, config in (("data", None), ("data+augs", augs_config)):
+                ours = throughput(data.SlySegDataset(prepared, config), normalise=True)
+                augmenter = augs.build_augmenter(config) if config else None
+                naive = throughput(NaiveDataset(samples, colors, augmenter), normalise=False)
+                result[label] = {"ours": ours, "baseline": naive, "unit": "samples/s"}
+        finally:
+            prepared.close()
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+# ---- training ----------------------------------------------------------------------------
+
+def matmul_ceiling(device, dtype, n: int = 2048) -> float:
+    """FLOP/s of a large square matmul: the roof that convolutions are lowered to."""
+    import torch
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = timed(lambda: a @ b, 3 if device.type == "cpu" else 20, device)
+    return 2 * n**3 / seconds
+
+
+def train_setup(name: str, device, fast: bool, compile_model: bool):
+    import torch
+    from custom_net.loss import build_loss
+    from custom_net.model import build_model
+    from custom_net.utils import build_optimizer, resolve_amp
+
+    torch.manual_seed(0)
+    model = build_model(name, 3, "none")
+    memory_format = torch.channels_last if fast else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    amp_dtype = resolve_amp("auto" if fast else "off", device)
+    criterion = build_loss("ce_dice", 3).to(device)
+    optimizer = build_optimizer("Adam", model.parameters(), 1e-3, 0.9, 0.0, False)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    forward_model = torch.compile(model) if compile_model else model
+    return forward_model, criterion, optimizer, scaler, amp_dtype, memory_format
+
+
+def bench_train(args) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from custom_net.model import model_list
+    from custom_net.utils import select_device, train_one_epoch
+
+    device = select_device(args.device)
+    repeats = 1 if args.quick else (3 if device.type == "cpu" else 20)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, SIZE, SIZE, 3), dtype=torch.uint8, generator=generator)
+    masks = torch.randint(0, 3, (8, SIZE, SIZE), generator=generator)
+    if device.type == "cuda":
+        images, masks = images.pin_memory(), masks.pin_memory()
+    loader = [(images, masks)]
+    result = {"device": str(device), "ceiling_fp32": matmul_ceiling(device, torch.float32),
+              "ceiling_bf16": matmul_ceiling(device, torch.bfloat16), "models": {}}
+    for name in args.models or list(model_list):
+        row = {}
+        for variant, fast in (("baseline", False), ("ours", True)):
+            model, criterion, optimizer, scaler, amp_dtype, memory_format = train_setup(name, device, fast, args.compile and fast)
+
+            def step():
+                train_one_epoch(model, criterion, optimizer, loader, device, epoch=1, scaler=scaler,
+                                amp_dtype=amp_dtype, memory_format=memory_format)
+            seconds = timed(step, repeats, device)
+            with FlopCounterMode(display=False) as counter:
+                step()
+            row[variant] = len(images) / seconds
+            row[f"{variant}_flops"] = counter.get_total_flops() / seconds
+            row[f"{variant}_amp"] = str(amp_dtype).replace("torch.", "")
+            del model, optimizer
+        result["models"][name] = row
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["cuda_peak_mb"] = cuda_peak_mb(device)
+    return result
+
+
+# ---- inference ---------------------------------------------------------------------------
+
+def bench_infer(args) -> dict:
+    import cv2
+    import torch
+    from custom_net.inference import inference
+    from custom_net.model import build_model, model_list
+    from custom_net.preprocessing import decode_image_rgb
+    from custom_net.utils import resolve_amp, select_device
+
+    device = select_device(args.device)
+    repeats = 2 if args.quick else (5 if device.type == "cpu" else 30)
+    rng = np.random.default_rng(0)
+    picture = cv2.GaussianBlur(rng.integers(0, 256, (800, 1067, 3), dtype=np.uint8), (0, 0), 3)
+    jpeg = cv2.imencode(".jpg", picture)[1].tobytes()
+    result = {"device": str(device), "image": "1067x800 JPEG", "models": {}}
+    for name in args.models or list(model_list):
+        torch.manual_seed(0)
+        model = build_model(name, 3, "none").to(device).eval()
+        row = {}
+        for variant, fast in (("baseline", False), ("ours", True)):
+            if fast:
+                model.to(memory_format=torch.channels_last)
+                amp_dtype = resolve_amp("auto", device)
+
+                def predict():
+                    return inference(model, decode_image_rgb(jpeg), SIZE, SIZE, device, amp_dtype)
+            else:
+                def predict():  # float32 eager, NCHW, under no_grad
+                    with torch.no_grad():
+                        image = decode_image_rgb(jpeg)
+                        small = torch.from_numpy(cv2.resize(image, (SIZE, SIZE))).permute(2, 0, 1)[None].float()
+                        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+                        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+                        logits = model(((small - mean) / std).to(device))
+                        probs = torch.nn.functional.interpolate(logits.softmax(1), size=image.shape[:2], mode="bilinear")
+                        return probs.argmax(1)[0].cpu().numpy()
+            row[variant] = timed(predict, repeats, device) * 1000
+        result["models"][name] = row
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["cuda_peak_mb"] = cuda_peak_mb(device)
+    return result
+
+
+# ---- quality guard -----------------------------------------------------------------------
+
+def bench_quality(args) -> dict:
+    """The same seeded training budget on the demo project with the fast path and in float32."""
+    from custom_net.train import main
+
+    epochs = "2" if args.quick else "8"
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant, extra in (("ours", ["--amp", "auto", "--channels-last"]),
+                               ("baseline", ["--amp", "off", "--no-channels-last"])):
+            start = time.perf_counter()
+            summary = main(["--demo", "--epochs", epochs, "--reporter", "none", "--gpu-id", args.device,
+                            "--output", str(Path(tmp) / variant), *extra])
+            result[variant] = {"mean_fg_iou": summary["final"]["mean_fg_iou"], "seconds": time.perf_counter() - start}
+    result["difference"] = abs(result["ours"]["mean_fg_iou"] - result["baseline"]["mean_fg_iou"])
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+# ---- orchestration ---------------------------------------------------------------------
+
+BENCHES = {"data": bench_data, "train": bench_train, "infer": bench_infer, "quality": bench_quality}
+
+
+def run_section(name: str, args) -> dict:
+    """Each section in a fresh process: peak memory per section, no warm caches carried over."""
+    command = [sys.executable, __file__, "--section", name, "--device", args.device]
+    command += ["--quick"] * args.quick + ["--compile"] * args.compile
+    if args.models:
+        command += ["--models", *args.models]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench section {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def table(results: dict) -> str:
+    rows = ["| measure | ours | baseline | ratio | target |", "|---|---|---|---|---|"]
+
+    def add(measure, ours, baseline, unit, ratio, target=None):
+        verdict = "" if target is None else f"≥ {target:g}× {'✅' if ratio >= target else '❌'}"
+        rows.append(f"| {measure} | {ours:.4g} {unit} | {baseline:.4g} {unit} | {ratio:.2f}× | {verdict} |")
+
+    if "data" in results:
+        d = results["data"]
+        for label in ("data", "data+augs"):
+            add(f"{label} pipeline @{SIZE}² ({d['source']}, {d['items']} items)", d[label]["ours"],
+                d[label]["baseline"], "samples/s", d[label]["ours"] / d[label]["baseline"], TARGETS[label])
+        rows.append(f"| one-time cache build | {d['cache_build_s']:.2f} s | | | |")
+    if "train" in results:
+        t = results["train"]
+        ratios = []
+        for name, r in t["models"].items():
+            ratios.append(r["ours"] / r["baseline"])
+            add(f"train {name} {SIZE}² b8 ({r['ours_amp']}+CL vs fp32 NCHW)", r["ours"], r["baseline"], "img/s", ratios[-1])
+            rows.append(f"| ↳ {name} achieved FLOP/s | {r['ours_flops'] / 1e9:.0f} G = {r['ours_flops'] / t['ceiling_bf16']:.0%} "
+                        f"of bf16 roof | {r['baseline_flops'] / 1e9:.0f} G = {r['baseline_flops'] / t['ceiling_fp32']:.0%} "
+                        f"of fp32 roof | | |")
+        add("train (geomean)", geomean(r["ours"] for r in t["models"].values()),
+            geomean(r["baseline"] for r in t["models"].values()), "img/s", geomean(ratios), TARGETS["train (geomean)"])
+        rows.append(f"| matmul roof ({t['device']}) | bf16 {t['ceiling_bf16'] / 1e9:.0f} GFLOP/s | "
+                    f"fp32 {t['ceiling_fp32'] / 1e9:.0f} GFLOP/s | | |")
+    if "infer" in results:
+        i = results["infer"]
+        ratios = []
+        for name, r in i["models"].items():
+            ratios.append(r["baseline"] / r["ours"])
+            add(f"infer {name}, one {i['image']} end to end", r["ours"], r["baseline"], "ms", ratios[-1])
+        add("infer (geomean)", geomean(r["ours"] for r in i["models"].values()),
+            geomean(r["baseline"] for r in i["models"].values()), "ms", geomean(ratios), TARGETS["infer (geomean)"])
+    if "quality" in results:
+        q = results["quality"]
+        ok = "✅" if q["difference"] < 0.01 else "❌"
+        rows.append(f"| quality guard: demo mean fg IoU | {q['ours']['mean_fg_iou']:.4f} ({q['ours']['seconds']:.0f} s) | "
+                    f"{q['baseline']['mean_fg_iou']:.4f} ({q['baseline']['seconds']:.0f} s) | "
+                    f"Δ {q['difference']:.4f} | < 0.01 {ok} |")
+    memory = ", ".join(f"{k} {v['peak_rss_mb']:.0f} MB" for k, v in results.items())
+    cuda = ", ".join(f"{k} {v['cuda_peak_mb']:.0f} MB" for k, v in results.items() if v.get("cuda_peak_mb"))
+    rows.append(f"\nPeak RSS per section: {memory}." + (f" CUDA max allocated: {cuda}." if cuda else ""))
+    return "\n".join(rows)
+
+
+def machine() -> str:
+    import torch
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}{gpu}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--models", nargs="+", help="architectures for train/infer (default: all)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: one section, JSON out
+    args = parser.parse_args(argv)
+    if args.section:
+        print(json.dumps(BENCHES[args.section](args)))
+        return 0
+    results = {}
+    for name in args.only:
+        started = time.perf_counter()
+        results[name] = run_section(name, args)
+        print(f"[bench] {name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    text = table(results)
+    header = f"## {datetime.date.today().isoformat()} — {machine()}\n\n`python bench/run.py {' '.join(argv or sys.argv[1:])}`\n\n"
+    print(header + text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.record:
+        with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+            f.write("\n" + header + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

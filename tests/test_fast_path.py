@@ -1,0 +1,194 @@
+"""The fast path computes what the plain path computes; the recipe levers do what they say.
+
+Speed itself is measured in bench/, never here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from tests.conftest import TINY_TRAIN_ARGS
+from custom_net import sly_seg_dataset as data
+from custom_net.model import build_model, model_list
+from custom_net.preprocessing import resize_image, resize_mask
+from custom_net.reporting import Reporter
+from custom_net.train import COLLAPSE_ROUNDS, ORIGINAL_PRESET, _collapse_warning, main, parse_args
+from custom_net.utils import forward_batch, resolve_num_workers
+from custom_net.validation import ConfusionMatrix, collapsed_class
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Messages(Reporter):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def message(self, level, text):
+        self.messages.append((level, text))
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_project):
+    project = data.open_project(tiny_project)
+    items = data.list_items(project)
+    names = [c.name for c in data.build_model_classes(project.meta, None)]
+    result = data.PreparedData(items, project.meta, names, 48, 64, num_threads=2)
+    yield project, items, names, result
+    result.close()
+
+
+def test_cache_equals_fresh_decoding_and_rasterisation(prepared):
+    project, items, names, cache = prepared
+    index_of = {n: i for i, n in enumerate(names)}
+    for i, item in enumerate(items):
+        image, mask = data.load_item(item, project.meta, index_of)
+        assert np.array_equal(cache.images[i], resize_image(image, 48, 64)), item.key
+        assert np.array_equal(cache.masks[i], resize_mask(mask, 48, 64)), item.key
+
+
+def test_numpy_collate_matches_torch_collate(prepared):
+    dataset = data.SlySegDataset(prepared[3])
+    samples = [dataset[i] for i in range(5)]
+    images, masks = data.collate_batch(samples)
+    expected_images, expected_masks = default_collate(samples)
+    assert images.dtype == torch.uint8 and masks.dtype == torch.uint8 and images.shape == (5, 48, 64, 3)
+    assert torch.equal(images, expected_images) and torch.equal(masks, expected_masks)
+    # Masks travel as uint8 and become int64 class indices on the device.
+    _, device_masks = forward_batch(torch.nn.Conv2d(3, 2, 1), images, masks, torch.device("cpu"))
+    assert device_masks.dtype == torch.int64 and torch.equal(device_masks, expected_masks.long())
+
+
+@pytest.mark.parametrize("name", sorted(model_list))
+def test_bf16_channels_last_agrees_with_float32(name):
+    torch.manual_seed(0)
+    model = build_model(name, 3, "none").eval()
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        plain, _ = forward_batch(model, images, masks, cpu)
+        model.to(memory_format=torch.channels_last)
+        fast, _ = forward_batch(model, images, masks, cpu, torch.bfloat16, torch.channels_last)
+    fast = fast.float()
+    assert fast.shape == plain.shape
+    # bf16 keeps 8 bits of mantissa: logits agree to a few percent of their spread, and so do the labels.
+    assert (fast - plain).abs().mean() <= 0.03 * plain.std()
+    assert (fast.argmax(1) == plain.argmax(1)).float().mean() > 0.98
+
+
+def test_num_workers_auto():
+    assert resolve_num_workers("auto", torch.device("cpu")) == 0
+    assert resolve_num_workers(3, torch.device("cpu")) == 3
+    assert resolve_num_workers("auto", torch.device("cuda")) >= 1
+    assert parse_args(["--demo", "--num-workers", "2"]).num_workers == 2
+    with pytest.raises(ValueError, match="--num-workers"):
+        parse_args(["--demo", "--num-workers", "-1"])
+
+
+# ---- the recipe ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(model_list))
+def test_he_init_keeps_the_signal_alive_from_scratch(name):
+    """Default conv init shrinks activations layer by layer; the untrained logits are then nearly equal."""
+    x = torch.randn(2, 3, 64, 64)
+    stds = {}
+    for init in ("he", "original"):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            stds[init] = build_model(name, 2, "none", init)(x).std().item()
+    assert stds["he"] > 5 * stds["original"], stds
+
+
+def test_preset_original_is_the_original_recipe():
+    args = parse_args(["--demo", "--preset", "original"])
+    for key, value in ORIGINAL_PRESET.items():
+        assert getattr(args, key) == value, key
+    assert (args.loss, args.lr_schedule, args.scheduler_order) == ("jaccard_nll", "StepLR", "before")
+    # Flags given explicitly still win over the preset.
+    assert parse_args(["--demo", "--preset", "original", "--epochs", "3", "--lr", "0.01"]).epochs == 3
+    defaults = parse_args(["--demo"])
+    assert (defaults.loss, defaults.lr_schedule, defaults.scheduler_order, defaults.init) == \
+           ("ce_dice", "cosine", "after", "he")
+
+
+@pytest.mark.parametrize("order, expected", [("after", [1e-3, 1e-4, 1e-5]), ("before", [1e-4, 1e-5, 1e-6])])
+def test_scheduler_order(tiny_project, tmp_path, order, expected):
+    """The original stepped its epoch schedule before each epoch: every decay came an epoch early."""
+    out = tmp_path / order
+    main(TINY_TRAIN_ARGS + ["--project-dir", str(tiny_project), "--epochs", "3", "--lr", "1e-3",
+                            "--lr-schedule", "StepLR", "--step-size", "1", "--scheduler-order", order,
+                            "--val-interval", "3", "--output", str(out)])
+    lrs = [json.loads(line)["lr"] for line in (out / "info" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx(expected)
+
+
+def test_collapse_detection_on_known_matrices():
+    names = ["__bg__", "thin"]
+    matrix = ConfusionMatrix(2)
+    matrix.update(torch.tensor([0] * 95 + [1] * 5), torch.zeros(100, dtype=torch.long))
+    assert collapsed_class(matrix.matrix, names) == "__bg__"
+    matrix.update(torch.tensor([1] * 5), torch.ones(5, dtype=torch.long))  # some thin pixels found
+    assert collapsed_class(matrix.matrix, names) is None
+    only_bg = ConfusionMatrix(2)
+    only_bg.update(torch.zeros(50, dtype=torch.long), torch.zeros(50, dtype=torch.long))
+    assert collapsed_class(only_bg.matrix, names) is None  # right answer, not a collapse
+
+
+def test_collapse_warning_once_after_several_rounds():
+    def history(flags):
+        return [{"val_loss": 1.0, "collapsed_to": "__bg__" if f else None} for f in flags]
+    assert not _collapse_warning(history([True] * (COLLAPSE_ROUNDS - 1)), last_epoch=False)
+    assert _collapse_warning(history([True] * COLLAPSE_ROUNDS), last_epoch=False)
+    assert not _collapse_warning(history([True] * (COLLAPSE_ROUNDS + 1)), last_epoch=False)  # said already
+    assert not _collapse_warning(history([True, True, False]), last_epoch=True)
+    assert _collapse_warning(history([True]), last_epoch=True)  # a short run ending collapsed
+
+
+def test_collapsed_run_warns_with_advice(tiny_project, tmp_path):
+    """Class weights that all but ignore the objects drive the original recipe onto the background;
+    the run says so and what to try."""
+    reporter = Messages()
+    summary = main(TINY_TRAIN_ARGS + ["--project-dir", str(tiny_project), "--preset", "original", "--epochs", "2",
+                                      "--jaccard-weight", "0", "--class-weights", "1", "1e-4", "1e-4", "1e-4",
+                                      "--output", str(tmp_path / "run")], reporter=reporter)
+    assert summary["final"]["collapsed_to"] == "__bg__"
+    advice = [text for level, text in reporter.messages if level == "warning" and "collapsed" in text]
+    assert len(advice) == 1
+    assert "--loss ce_dice" in advice[0] and "--init he" in advice[0] and "--class-weights" in advice[0]
+
+
+# ---- the bench compares like with like ---------------------------------------------------
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_naive_loader_reads_the_same_masks(prepared, tmp_path, monkeypatch):
+    import cv2
+    bench = _bench_module()
+    monkeypatch.setattr(bench, "SIZE", 32)
+    project, items, names, _ = prepared
+    model_classes = data.build_model_classes(project.meta, None)
+    colors = [tuple(c.color) for c in model_classes]
+    index_of = {n: i for i, n in enumerate(names)}
+    samples = []
+    for i, item in enumerate(items[:3]):
+        _, mask = data.load_item(item, project.meta, index_of)
+        cv2.imwrite(str(tmp_path / f"{i}.png"), cv2.cvtColor(np.array(colors, np.uint8)[mask], cv2.COLOR_RGB2BGR))
+        samples.append((item.image_path, tmp_path / f"{i}.png"))
+    naive = bench.NaiveDataset(samples, colors)
+    for i, item in enumerate(items[:3]):
+        image, mask = naive[i]
+        assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+        _, expected = data.load_item(item, project.meta, index_of)
+        assert torch.equal(mask, torch.from_numpy(resize_mask(expected, 32, 32).astype(np.int64)))
