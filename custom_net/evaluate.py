@@ -15,7 +15,6 @@ import heapq
 import html
 import logging
 import math
-import os
 import platform
 import sys
 import time
@@ -29,7 +28,8 @@ import torch
 from custom_net import sly_seg_dataset as data
 from custom_net.inference import INFERENCE_MODES, load_trained_model, predict_image
 from custom_net.preprocessing import resize_image, resize_mask
-from custom_net.utils import AMP_MODES, atomic_write_json, forward_batch, resolve_amp, select_device
+from custom_net.utils import (AMP_MODES, atomic_write, atomic_write_json, atomic_write_text, forward_batch,
+                              resolve_amp, select_device)
 from custom_net.validation import BoundaryIoU, ConfusionMatrix
 from custom_net.visualize import preview_panel, save_png
 
@@ -241,7 +241,7 @@ def plot_confusion_matrix(metrics: dict, class_names: list[str], path: Path) -> 
                         color="white" if not math.isnan(value) and value > 0.5 else "black")
     ax.set_title("confusion matrix (row-normalised, with pixel counts)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
     return path
 
 
@@ -262,7 +262,7 @@ def plot_per_class(metrics: dict, class_names: list[str], path: Path) -> Path:
     ax.legend(fontsize=8, ncol=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.18))
     ax.set_title("per-class metrics")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
     return path
 
 
@@ -278,7 +278,7 @@ def plot_speed(speed: dict, path: Path) -> Path:
     ax.set_xlabel("ms per image (lower is better)")
     ax.set_title(f"{speed['device']}, input {speed['input_width']}x{speed['input_height']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
     return path
 
 
@@ -379,9 +379,7 @@ def write_report(output: Path, info: dict, metrics: dict, per_image: list[dict],
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Evaluation report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
     path = output / "report.html"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, page)
     return path
 
 

@@ -206,10 +206,8 @@ class PreparedData:
         self.class_names = list(class_names)
         self._tmp = tempfile.TemporaryDirectory(prefix="unet_cache_", dir=cache_dir)
         n = len(self.items)
-        self.images = np.lib.format.open_memmap(
-            os.path.join(self._tmp.name, "images.npy"), mode="w+", dtype=np.uint8, shape=(n, height, width, 3))
-        self.masks = np.lib.format.open_memmap(
-            os.path.join(self._tmp.name, "masks.npy"), mode="w+", dtype=np.uint8, shape=(n, height, width))
+        self.images = self._allocate("images.npy", (n, height, width, 3))
+        self.masks = self._allocate("masks.npy", (n, height, width))
         self.skipped_geometries: Counter = Counter()
         self.pixel_counts = np.zeros(len(class_names), dtype=np.int64)  # at full resolution
         class_to_index = {name: i for i, name in enumerate(class_names)}
@@ -238,6 +236,25 @@ class PreparedData:
             shown = "\n  ".join(errors[:20])
             more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
             raise DataError(f"{len(errors)} item(s) cannot be used:\n  {shown}{more}")
+
+    def _allocate(self, name: str, shape: tuple) -> np.memmap:
+        """A memory-mapped array whose disk blocks are reserved now: writing into a sparse map on a full
+        disk kills the process with SIGBUS instead of raising."""
+        path = os.path.join(self._tmp.name, name)
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the map stays sparse
+            fd = os.open(path, os.O_RDWR)
+            size = os.fstat(fd).st_size
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                del array
+                self._tmp.cleanup()
+                raise DataError(f"--cache-dir {Path(self._tmp.name).parent}: no room for the decoded-image cache "
+                                f"({size / 2**20:.1f} MB): {e.strerror}") from None
+            finally:
+                os.close(fd)
+        return array
 
     def __len__(self) -> int:
         return len(self.items)

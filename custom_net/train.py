@@ -15,12 +15,13 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,9 @@ from custom_net.loss import LOSSES, build_loss
 from custom_net.model import INIT_SCHEMES, UnknownModelError, build_model, model_list
 from custom_net.reporting import ConsoleReporter, JsonLinesReporter, Reporter
 from custom_net.utils import (AMP_MODES, LR_SCHEDULES, OPTIMIZERS, CheckpointSaver, NonFiniteLoss, StopRequested,
-                              atomic_torch_save, atomic_write_json, build_optimizer, build_scheduler, current_lr,
-                              resolve_amp, resolve_num_workers, seed_everything, train_one_epoch)
+                              StorageError, atomic_torch_save, atomic_write_json, atomic_write_text, build_optimizer,
+                              build_scheduler, current_lr, resolve_amp, resolve_num_workers, seed_everything,
+                              train_one_epoch)
 from custom_net.validation import evaluate
 from custom_net.visualize import preview_panel, save_charts, save_png
 
@@ -301,6 +303,31 @@ def _free_output_dir(path: Path) -> Path:
     raise ArgsError(f"--output: no free folder name next to {path}")
 
 
+def _check_output_storage(args, model) -> None:
+    """A read-only --output or one without room for the run's checkpoints fails now, naming the folder,
+    not after hours of training."""
+    target = Path(args.output)
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ArgsError(f"--output: {existing} is a file, not a folder")
+    for folder in (existing, existing / "checkpoints", existing / "info"):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only mount
+            raise ArgsError(f"--output: cannot write to {folder} (read-only or no permission)")
+    # Peak use: kept + best + last model files, one more while the best is replaced, and the resume state
+    # (weights + optimizer moments) twice while it is rewritten.
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    kept = 0 if args.checkpoint_interval == 0 else (
+        args.epochs // args.checkpoint_interval if args.max_keep_ckpts < 0 else args.max_keep_ckpts)
+    resume_bytes = model_bytes * (2 if args.optimizer == "SGD" else 3)
+    need = model_bytes * (kept + args.save_best + args.save_last + 1) + 2 * resume_bytes
+    if args.resume:  # files already there are rewritten in place
+        need -= sum(f.stat().st_size for f in (target / "checkpoints").glob("*") if f.is_file())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ArgsError(f"--output: {existing} has {free / 2**20:.0f} MB free, but this run's checkpoints need about "
+                        f"{need / 2**20:.0f} MB; free some space, choose another --output or lower --max-keep-ckpts")
+
+
 def _make_splits(args, project, items):
     meta = project.meta
     if args.split == "random":
@@ -404,6 +431,7 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
     if args.custom_weights:
         _load_custom_weights(model, args.custom_weights, report)
     criterion = build_loss(args.loss, len(model_classes), args.jaccard_weight, args.class_weights)
+    _check_output_storage(args, model)
     if args.batch_size > len(train_items):
         report("warning", f"--batch-size {args.batch_size} is larger than the {len(train_items)} training item(s): "
                           f"each epoch is a single batch of {len(train_items)}")
@@ -482,7 +510,9 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
         history = state["history"]
         # A run that died after logging an epoch but before saving its resume state would log that epoch twice.
         if dist_ctx.is_main:
-            (info / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+            _write_metrics_log(info, history)
+            for stale in [*checkpoints.glob(".*.tmp"), *info.rglob(".*.tmp")]:  # a kill during a save leaves these
+                stale.unlink()
         torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"] + 1
         report("info", f"resuming {output} at epoch {start_epoch} of {args.epochs}")
@@ -495,7 +525,7 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
         atomic_write_json(info / "val_set.json", [i.key for i in val_data.items])
         if augs_config is not None:
             atomic_write_json(info / "augs_config.json", augs_config)
-            (info / "augs_preview.py").write_text(augs.augs_to_python(augs_config), encoding="utf-8")
+            atomic_write_text(info / "augs_preview.py", augs.augs_to_python(augs_config))
     vis = {"train": _vis_items(train_data.items, args.vis_count, args.seed),
            "val": _vis_items(val_data.items, args.vis_count, args.seed + 1)}
     for split, prepared in (("train", train_data), ("val", val_data)):
@@ -550,8 +580,7 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
                 if dist_ctx.is_main:
                     if _collapse_warning(history, epoch == args.epochs):
                         report("warning", _collapse_advice(args, record["collapsed_to"]))
-                    with open(info / "metrics.jsonl", "a", encoding="utf-8") as log:
-                        log.write(json.dumps(record) + "\n")
+                    _write_metrics_log(info, history)
                     saver.on_epoch_end(model, epoch, record if "val_loss" in record else None)
                     if epoch % vis_interval == 0 or epoch == args.epochs:
                         _previews(reporter, model, epoch, vis, train_data, val_data, model_classes, device, amp_dtype, info)
@@ -568,11 +597,15 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
         except StopRequested:
             status = "stopped"
             report("info", f"stop requested during epoch {epoch}: saving the current weights as the last checkpoint")
-        except NonFiniteLoss as e:
+        except (NonFiniteLoss, StorageError) as e:
             report("error", f"{e}. Checkpoints saved so far are kept in {checkpoints}")
-            # Written on failure too, else a resumed run's old summary would stay.
+            # Written on failure too, else a resumed run's old summary would stay (a full disk may refuse it).
             if dist_ctx.is_main:
-                _write_summary(reporter, info, _summary(args, history, saver, "failed", epoch, output, started))
+                with suppress(StorageError):
+                    _write_summary(reporter, info, _summary(args, history, saver, "failed", epoch, output, started))
+            if isinstance(e, StorageError):  # the CLI prints only the exception: say what is safe and how to go on
+                raise StorageError(f"{e}; the checkpoints saved so far are intact in {checkpoints}; "
+                                   f"once it can be written, continue with --resume {output}") from None
             raise
 
     if not dist_ctx.is_main:
@@ -611,9 +644,17 @@ def _collapse_advice(args, class_name: str) -> str:
             f"Try {'; '.join(tips)}.")
 
 
+def _write_metrics_log(info: Path, history: list[dict]) -> None:
+    """info/metrics.jsonl, one line per epoch, rewritten whole: an append cut short by a kill or a full
+    disk would leave half a line."""
+    atomic_write_text(info / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
 def _write_summary(reporter, info: Path, summary: dict) -> dict:
-    atomic_write_json(info / "summary.json", summary)
-    reporter.finish(summary)
+    try:
+        atomic_write_json(info / "summary.json", summary)
+    finally:  # a full or read-only disk must not keep the dashboard waiting for the end
+        reporter.finish(summary)
     return summary
 
 
@@ -651,8 +692,12 @@ def cli(argv: list[str] | None = None) -> int:
     except (ArgsError, UnknownModelError, data.DataError, augs.AugsConfigError, distributed.DistributedRunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss:
+    except NonFiniteLoss as e:  # also reported to the reporter, but --reporter none must not hide it
+        print(f"error: {e}", file=sys.stderr)
         return 3
+    except StorageError as e:  # checkpoints saved before the failure are intact; --resume continues
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     except RuntimeError as e:  # under torchrun (collectives fail this way): name the rank and the likely cause
         message = distributed.failure_message(e)
         if message is None:

@@ -1,6 +1,7 @@
 """Training loop pieces: device and precision choice, optimizer, LR schedule, one epoch, checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -167,6 +168,11 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, 
                 on_skip(i + 1)
         else:
             loss.backward()
+            # A finite loss can still give inf/NaN gradients; one step with them ruins every weight.
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            if not torch.isfinite(norm):
+                raise NonFiniteLoss(f"gradient became {norm.item()} at epoch {epoch}, iteration {i + 1} "
+                                    "(the loss was finite); try a lower --lr or --amp off")
             optimizer.step()
         lr = current_lr(optimizer)
         if scheduler is not None:
@@ -178,17 +184,69 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, 
     return total / max(count, 1)
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a truncated file under ``path``."""
+class StorageError(OSError):
+    """An artifact could not be written (disk full, read-only folder ...); the message names the file."""
+
+
+class _WriteRecorder:
+    """File wrapper that keeps the OSError of a failed write: torch.save reports a full disk only as
+    'unexpected pos' and loses the reason."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(file)`` into a temporary name, fsync, then rename: a kill or crash at any moment never
+    leaves a truncated file under ``path``. A failed write removes the temporary file (it would hold
+    the disk space) and raises StorageError naming ``path``; an earlier file at ``path`` stays."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        error = StorageError(f"cannot write {path}: {e.strerror or e}")
+        error.errno = e.errno
+        raise error from None
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    def write(file):
+        recorder = _WriteRecorder(file)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+    atomic_write(path, write)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def atomic_write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 class CheckpointSaver:
@@ -228,9 +286,11 @@ class CheckpointSaver:
     def on_train_end(self, model, epoch: int) -> Path | None:
         if not self.save_last:
             return None
-        for old in self.directory.glob("model_*_last.pth"):
-            old.unlink()
-        return self._save(model, f"model_{epoch:03d}_last.pth")
+        last = self._save(model, f"model_{epoch:03d}_last.pth")
+        for old in self.directory.glob("model_*_last.pth"):  # after the save: a crash never leaves none
+            if old != last:
+                old.unlink()
+        return last
 
     def state_dict(self) -> dict:
         return {"kept": list(self.kept), "best_value": self.best_value, "best_path": self.best_path}

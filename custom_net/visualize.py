@@ -6,6 +6,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from custom_net.utils import atomic_write
+
 
 def colorize(mask: np.ndarray, colors: list[list[int]]) -> np.ndarray:
     palette = np.zeros((256, 3), dtype=np.uint8)
@@ -31,7 +33,11 @@ def preview_panel(image: np.ndarray, truth: np.ndarray | None, prediction: np.nd
 
 
 def save_png(path: Path, image_rgb: np.ndarray) -> None:
-    cv2.imwrite(str(path), cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    # Encoded here and written atomically: cv2.imwrite fails silently and leaves partial files.
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"{path}: cannot encode a {image_rgb.shape} image as PNG")
+    atomic_write(path, lambda file: file.write(encoded.tobytes()))
 
 
 def save_charts(history: list[dict], directory: Path, class_names: list[str]) -> list[Path]:
@@ -53,7 +59,7 @@ def save_charts(history: list[dict], directory: Path, class_names: list[str]) ->
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(directory / name, dpi=100)
+        atomic_write(directory / name, lambda file: fig.savefig(file, format="png", dpi=100))
         plt.close(fig)
         written.append(directory / name)
 

@@ -1,0 +1,185 @@
+"""The table of faults and hostile inputs in RELIABILITY.md, rendered from FAULTS; each row names the tests
+that inject the fault and assert the outcome. The tests here fail when the table, the rows and the tests
+drift apart: a row whose test is gone, a reliability test without a row, or a stale table.
+
+    python -m tests.test_reliability_table        # rewrite the table in RELIABILITY.md after editing FAULTS
+
+Adding a fault (serve, dashboard, platform ...): write its test in tests/test_reliability_<area>.py, add a
+row here, run the command above.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "RELIABILITY.md"
+BEGIN = "<!-- faults table: generated from tests/test_reliability_table.py, do not edit by hand -->"
+END = "<!-- end of faults table -->"
+
+
+@dataclass(frozen=True)
+class Fault:
+    area: str
+    fault: str  # what was injected or fed in
+    outcome: str  # what the tests assert
+    tests: tuple[str, ...]  # "tests/FILE.py::test_name" (a parametrised case as test_name[id])
+
+
+KILL = "tests/test_reliability_kill.py::"
+STORAGE = "tests/test_reliability_storage.py::"
+NUMERIC = "tests/test_reliability_numeric.py::"
+INPUTS = "tests/test_reliability_inputs.py::"
+BAD_INPUT = "tests/test_bad_input.py::"
+E2E = "tests/test_train_e2e.py::"
+
+FAULTS = [
+    Fault("crash", "`SIGKILL` of a seeded CPU run inside epoch 2 of 3, then `--resume`",
+          "Resumes at the last completed epoch; final weights, every checkpoint and `metrics.jsonl` are bitwise "
+          "equal to the uninterrupted run",
+          (KILL + "test_sigkill_mid_epoch_then_resume_equals_uninterrupted",)),
+    Fault("crash", "`SIGKILL` during saves, three times with `--resume` after each: the moment a checkpoint save "
+                   "is under way (its temporary file is left behind: the kill landed mid-save), at a random moment, "
+                   "and at a random moment up to 50 ms into a save",
+          "After every kill each file under its final name loads (state dicts, resume state, JSON, "
+          "`metrics.jsonl`, PNG); leftover temporary files are removed on resume; the result is bitwise equal",
+          (KILL + "test_sigkill_during_saves_leaves_no_truncated_file",)),
+    Fault("crash", "`SIGTERM` inside epoch 2",
+          "Stops after the current iteration, exit code 0: `model_002_last.pth` saved with the weights trained so "
+          "far, `summary.json` says `stopped`, no temporary files; `--resume` redoes epoch 2 and ends bitwise equal",
+          (KILL + "test_sigterm_mid_epoch_stops_cleanly_then_resume_equals_uninterrupted",)),
+    Fault("crash", "Exception after an epoch is logged but before its resume state is saved; stop between epochs",
+          "`--resume` logs every epoch once and ends with bitwise-equal weights",
+          (E2E + "test_stop_and_crash_then_resume_equal_the_uninterrupted_run",)),
+    Fault("crash", "Stop during the first epoch",
+          "`model_001_last.pth` saved; `--resume` refuses with \"ended before its first epoch; start it anew\"",
+          (E2E + "test_stop_during_first_epoch",)),
+    Fault("numeric", "NaN loss at epoch 2, iteration 2",
+          "Stops: \"loss became nan at epoch 2, iteration 2\"; epoch-1 checkpoints kept; `summary.json` `failed`",
+          (E2E + "test_non_finite_loss_raises_and_keeps_checkpoints",)),
+    Fault("numeric", "Infinite loss at the last iteration of epoch 2",
+          "Exit code 3, `error: loss became inf at epoch 2, iteration 3`; only epoch-1 checkpoints, all finite",
+          (NUMERIC + "test_non_finite_stops_naming_epoch_and_iteration[inf-loss]",)),
+    Fault("numeric", "Finite loss but infinite gradients at the last iteration of epoch 2",
+          "Exit code 3, `error: gradient became nan at epoch 2, iteration 3 (the loss was finite)`; the step is "
+          "not taken, so no checkpoint holds NaN weights",
+          (NUMERIC + "test_non_finite_stops_naming_epoch_and_iteration[inf-gradient]",)),
+    Fault("storage", "Read-only `--output` (read-only mount)",
+          "Before any image is decoded: `--output: cannot write to DIR (read-only or no permission)`, exit code 2",
+          (STORAGE + "test_read_only_output_fails_before_training",)),
+    Fault("storage", "Too little free space for the run's checkpoints",
+          "Before training: `--output: DIR has N MB free, but this run's checkpoints need about M MB; ...`, "
+          "exit code 2, nothing written",
+          (STORAGE + "test_too_little_space_fails_before_training",)),
+    Fault("storage", "Output folder remounted read-only after epoch 1",
+          "`StorageError`: `cannot write .../info/metrics.jsonl: Read-only file system; the checkpoints saved so far "
+          "are intact in DIR; once it can be written, continue with --resume RUN`; the reporter still gets "
+          "`finish` (status `failed`); epoch-1 checkpoints and resume state load; once writable, `--resume` finishes",
+          (STORAGE + "test_output_becomes_read_only_during_training",)),
+    Fault("storage", "Disk filled by another program after epoch 1",
+          "`StorageError`: `cannot write .../model_002.pth: No space left on device; ...`; the partial temporary file "
+          "is deleted, epoch-1 files intact, `summary.json` `failed`; after freeing space `--resume` finishes",
+          (STORAGE + "test_disk_fills_during_training_then_resume_finishes",)),
+    Fault("storage", "`--cache-dir` too small for the decoded-image cache",
+          "`--cache-dir DIR: no room for the decoded-image cache (N MB): No space left on device` "
+          "(before: killed by SIGBUS)",
+          (STORAGE + "test_full_cache_folder_is_a_clear_error",)),
+    Fault("input", "0-byte image; image with garbage bytes",
+          "Error naming the file: `IMAGE: empty file` / `not a readable image`, nothing written",
+          (BAD_INPUT + "test_bad_image_file",)),
+    Fault("input", "PNG named `.jpg`", "Handled: decoded by content, pixels equal to the `.png`",
+          (INPUTS + "test_png_named_jpg_is_read_by_content",)),
+    Fault("input", "16-bit RGB PNG", "Handled: the high byte of each channel, equal to the 8-bit image",
+          (INPUTS + "test_16bit_png_becomes_its_8bit_image",)),
+    Fault("input", "Greyscale PNG", "Handled: grey copied to R, G and B; mask unchanged",
+          (INPUTS + "test_greyscale_png_is_replicated_to_rgb",)),
+    Fault("input", "EXIF-rotated JPEG (orientation 6), annotation of the displayed size",
+          "Handled: turned upright as the platform shows it; mask aligned",
+          (INPUTS + "test_exif_rotated_jpeg_is_upright_and_matches_its_mask",)),
+    Fault("input", "EXIF-rotated JPEG whose annotation has the stored (unrotated) size",
+          "Error naming annotation, image and both sizes",
+          (INPUTS + "test_exif_rotated_jpeg_with_annotation_of_stored_size_names_both",)),
+    Fault("input", "Annotation of another size than its image",
+          "Error naming annotation, image and both sizes",
+          (BAD_INPUT + "test_annotation_size_differs_from_image",)),
+    Fault("input", "Annotation with a class not in `meta.json`", "Error naming the annotation and the class",
+          (BAD_INPUT + "test_annotation_class_not_in_meta",)),
+    Fault("input", "Bitmap partly outside the image", "Handled: clipped to the image",
+          (INPUTS + "test_bitmap_partly_outside_the_image_is_clipped",
+           "tests/test_data.py::test_rasterize_bitmap_partly_outside_is_clipped")),
+    Fault("input", "Same item name in several datasets (incl. a nested one)",
+          "Handled: distinct items; the run trains, split files keep `dataset_name` + `item_name`",
+          (INPUTS + "test_duplicate_item_names_across_datasets_stay_distinct",)),
+    Fault("input", "Non-UTF-8 (Latin-1) annotation JSON", "Error naming the file: `unreadable JSON (... utf-8 ...)`",
+          (INPUTS + "test_non_utf8_json_names_the_file[annotation]",)),
+    Fault("input", "Non-UTF-8 (Latin-1) `meta.json`", "Error naming the file: `not valid JSON (... utf-8 ...)`",
+          (INPUTS + "test_non_utf8_json_names_the_file[meta.json]",)),
+    Fault("input", "Truncated JSON annotation", "Error naming the file: `unreadable JSON`",
+          (BAD_INPUT + "test_annotation_invalid_json",)),
+    Fault("input", "Image without annotation file",
+          "Error naming the dataset and item (the SDK alone drops the whole dataset with a log line)",
+          (BAD_INPUT + "test_annotation_missing", BAD_INPUT + "test_annotation_missing_in_nested_dataset")),
+]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render() -> str:
+    lines = ["| area | fault or input | outcome | tests |", "|---|---|---|---|"]
+    for f in FAULTS:
+        tests = "<br>".join(f"`{t.removeprefix('tests/')}`" for t in f.tests)
+        lines.append(f"| {f.area} | {_cell(f.fault)} | {_cell(f.outcome)} | {tests} |")
+    return "\n".join([BEGIN, *lines, END])
+
+
+def _test_functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+
+
+def _string_constants(path: Path) -> set[str]:
+    return {node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def test_every_row_names_existing_tests():
+    missing = []
+    for fault in FAULTS:
+        for ref in fault.tests:
+            file, _, name = ref.partition("::")
+            path = REPO / file
+            function, _, case = name.partition("[")
+            if (not path.is_file() or function not in _test_functions(path)
+                    or (case and case.removesuffix("]") not in _string_constants(path))):  # a parametrised case's id
+                missing.append(ref)
+    assert not missing, f"rows name tests that do not exist: {missing}"
+
+
+def test_every_reliability_test_has_a_row():
+    named = {re.sub(r"\[.*\]$", "", ref) for fault in FAULTS for ref in fault.tests}
+    unlisted = [f"{path.relative_to(REPO).as_posix()}::{name}"
+                for path in sorted((REPO / "tests").glob("test_reliability*.py")) if path != Path(__file__).resolve()
+                for name in sorted(_test_functions(path))
+                if f"{path.relative_to(REPO).as_posix()}::{name}" not in named]
+    assert not unlisted, f"reliability tests without a row in FAULTS: {unlisted}"
+
+
+def test_reliability_md_table_is_current():
+    text = DOC.read_text(encoding="utf-8")
+    assert text.count(BEGIN) == 1 and text.count(END) == 1, f"{DOC} lost its table markers"
+    current = text[text.index(BEGIN):text.index(END) + len(END)]
+    assert current == render(), f"{DOC} is stale: run python -m tests.test_reliability_table"
+
+
+def write() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    DOC.write_text(text[:text.index(BEGIN)] + render() + text[text.index(END) + len(END):], encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write()
+    print(f"{DOC}: table of {len(FAULTS)} faults rewritten")
