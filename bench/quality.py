@@ -47,7 +47,7 @@ def datasets(names: list[str], scratch: Path) -> dict[str, tuple[Path, list[str]
 def run(project: Path, flags: list[str], model: str, recipe: str, epochs: int, output: Path) -> dict:
     argv = ["--project-dir", str(project), "--model", model, "--encoder-weights", "none", "--epochs", str(epochs),
             "--batch-size", "8", "--seed", "0", "--output", str(output), "--vis-count", "0",
-            "--checkpoint-interval", "0", *flags, *RECIPES[recipe]]
+            "--checkpoint-interval", "0", "--no-eval", *flags, *RECIPES[recipe]]
     start = time.perf_counter()
     summary = train(argv, reporter=Reporter())
     final = summary["final"]
