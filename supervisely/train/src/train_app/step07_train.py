@@ -242,7 +242,7 @@ class TrainStep(Step):
     def _show_evaluation(self, summary: dict, run_location: str):
         status, metrics, text = describe_evaluation(summary, run_location)
         lines = [f"{html.escape(label)}: <b>{value}</b>" for label, value in metrics]
-        title = "<b>Evaluation of the best checkpoint on the validation set</b>" if metrics else ""
+        title = "<b>Evaluation on the validation set</b>" if metrics else ""
         self.evaluation.set("<br>".join(filter(None, [title, *lines, html.escape(text)])),
                             status="text" if status == "success" else status)
         self.evaluation.show()
