@@ -193,7 +193,7 @@ def start_training(argv: list[str], launch: Launch, reporter: Reporter, ui_state
 
 # ---- the end-of-training evaluation on the dashboard ---------------------------------------------
 
-def describe_evaluation(summary: dict, run_location: str) -> tuple[str, list[tuple[str, str]], str | None]:
+def describe_evaluation(summary: dict, run_location: str) -> tuple[str, list[tuple[str, str]], str]:
     """What the training card says about ``summary["eval"]``: (status, [(metric label, value)], text).
 
     ``run_location`` is where the run folder is now (the Team Files folder after an upload, else the local

@@ -37,8 +37,8 @@ LABELS = {"preset": "Recipe", "gpu_id": "Devices", "eval": "Run evaluation", "sp
           "init": "Initialisation", "amp": "Mixed precision", "compile": "torch.compile",
           "sync_bn": "SyncBatchNorm", "dist_timeout": "Distributed timeout, s"}
 HELP = {
-    "preset": "choosing one fills the fields it sets (" + ", ".join(d for d in ORIGINAL_PRESET if d != "sly_augs_path")
-              + "); the augmentations stay as chosen in step 04 (the original app used none)",
+    "preset": "choosing one fills the fields the recipe decides (optimizer, learning rate and schedule, loss, epochs, "
+              "init, best metric), which stay editable; the augmentations stay as chosen in step 04",
     "gpu_id": "the CPU, one GPU, or several GPUs: one process per GPU through torchrun, with the batch size per GPU",
     "speed_test": "part of the evaluation: ms per image at batch 1 and at the batch size, with and without the fast path",
     "sync_bn": "several GPUs: BatchNorm statistics over all GPUs (CUDA only)",
