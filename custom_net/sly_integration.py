@@ -9,6 +9,8 @@ and returns.
 from __future__ import annotations
 
 import queue
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -129,3 +131,87 @@ def check_setting(dest: str, value) -> tuple[object, str | None]:
             return None, f"choose from {', '.join(map(str, action.choices))}"
         typed.append(converted)
     return (typed if multiple else typed[0]), None
+
+
+# ---- devices: the dashboard's device selector -> how a run is launched ---------------------------
+
+def list_devices() -> list[tuple[str, str]]:
+    """(value, label) of each device a run can use here: "cpu", then "cuda:N" for every GPU torch sees
+    (numbered as in this process, i.e. within its CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    devices = [("cpu", "CPU")]
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        devices.append((f"cuda:{index}", f"GPU {index}: {props.name}, {props.total_memory / 2**30:.0f} GiB"))
+    return devices
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a run starts. ``gpu_id`` is train.py's --gpu-id; ``torchrun_gpus`` are the GPUs of a multi-GPU
+    run (one process each, through torchrun), empty for a run inside the dashboard's process."""
+    gpu_id: str
+    torchrun_gpus: tuple[int, ...] = ()
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.torchrun_gpus)
+
+
+def plan_launch(selected) -> Launch:
+    """The device selector's value (a list of "cpu" / "cuda:N", or one of them) -> a Launch; ValueError
+    with a message for the field when the selection makes no run."""
+    devices = [selected] if isinstance(selected, str) else list(selected or [])
+    if not devices:
+        raise ValueError("choose the CPU or one or more GPUs")
+    if len(set(devices)) != len(devices):
+        raise ValueError("each device can be chosen once")
+    if len(devices) == 1:
+        return Launch(gpu_id=devices[0])
+    if "cpu" in devices:
+        raise ValueError("the CPU cannot be combined with GPUs: choose the CPU alone, or GPUs only")
+    gpus = []
+    for device in devices:
+        index = str(device).removeprefix("cuda:")
+        if not index.isdigit():
+            raise ValueError(f"not a GPU: {device!r}")
+        gpus.append(int(index))
+    # Under torchrun process N takes the N-th GPU given to it; "auto" is the id the engine expects there.
+    return Launch(gpu_id="auto", torchrun_gpus=tuple(gpus))
+
+
+def start_training(argv: list[str], launch: Launch, reporter: Reporter, ui_state: dict | None = None) -> dict:
+    """Run ``argv`` to the end and return the summary: in this process (``train.main``), or on several
+    GPUs through torchrun, which calls the same reporter hooks and honours ``reporter.request_stop()``."""
+    from custom_net import distributed, train  # late: both import torch
+
+    if launch.distributed:
+        return distributed.run_torchrun(argv, list(launch.torchrun_gpus), reporter, ui_state=ui_state)
+    return train.main(argv, reporter=reporter, ui_state=ui_state)
+
+
+# ---- the end-of-training evaluation on the dashboard ---------------------------------------------
+
+def describe_evaluation(summary: dict, run_location: str) -> tuple[str, list[tuple[str, str]], str]:
+    """What the training card says about ``summary["eval"]``: (status, [(metric label, value)], text).
+
+    ``run_location`` is where the run folder is now (the Team Files folder after an upload, else the local
+    folder): the report's path is given inside it. ``eval`` is missing when evaluation was off or the run
+    did not finish, None when no checkpoint was saved, ``{"error": ...}`` when evaluating failed."""
+    from custom_net.evaluate import METRIC_LABELS  # late: evaluate imports torch
+
+    if "eval" not in summary:
+        if summary.get("status") != "finished":
+            return "info", [], f"Evaluation skipped: the run was {summary.get('status')} before its last epoch."
+        return "info", [], "Evaluation was turned off in step 06."
+    result = summary["eval"]
+    if result is None:
+        return "warning", [], "Evaluation skipped: no best or last checkpoint was saved."
+    if "error" in result:
+        return "error", [], f"Evaluation failed: {result['error']}. The checkpoints are fine."
+    metrics = [(METRIC_LABELS.get(name, name), "n/a" if value is None else f"{value:.4f}")
+               for name, value in result["headline"].items()]
+    # The report sits inside the run folder (eval/report.html), which the upload kept whole.
+    relative = Path(result["report"]).relative_to(summary["output_dir"]).as_posix()
+    return "success", metrics, f"Report: {run_location.rstrip('/')}/{relative}"

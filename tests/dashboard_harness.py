@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 class DashboardServer:
-    def __init__(self, env: dict, log_path: Path, startup_timeout: float = 120):
+    def __init__(self, env: dict, log_path: Path, startup_timeout: float = 120, app: str = "main:app"):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -36,7 +36,7 @@ class DashboardServer:
                 if k not in ("SERVER_ADDRESS", "API_TOKEN", "TASK_ID", "TEAM_ID", "PROJECT_ID", "WORKSPACE_ID")}
         self._log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", str(APP_DIR), "--host", "127.0.0.1",
+            [sys.executable, "-m", "uvicorn", app, "--app-dir", str(APP_DIR), "--host", "127.0.0.1",
              "--port", str(self.port)],
             cwd=REPO, env={**base, "PYTHONUNBUFFERED": "1", **env}, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + startup_timeout

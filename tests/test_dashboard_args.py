@@ -1,12 +1,17 @@
 """The dashboard's bridge to the engine (custom_net.sly_integration): settings {dest: value} -> argv,
-and per-option checks with the engine's own types. Pure functions, no app."""
+per-option checks with the engine's own types, the device selector's launch plan, the evaluation
+summary on the training card. Pure functions, no app."""
 from __future__ import annotations
 
 import argparse
 
 import pytest
 
-from custom_net.sly_integration import check_setting, settings_to_argv
+from custom_net import distributed, train
+from custom_net.evaluate import HEADLINE_METRICS, METRIC_LABELS
+from custom_net.reporting import Reporter
+from custom_net.sly_integration import (Launch, check_setting, describe_evaluation, list_devices, plan_launch,
+                                        settings_to_argv, start_training)
 from custom_net.train import build_parser, parse_args
 
 ACTIONS = {a.dest: a for a in build_parser()._actions if a.option_strings and a.dest != "help"}
@@ -23,7 +28,8 @@ def _other_value(action):
                "val_datasets": ["v"], "input_height": 96, "input_width": 160, "class_weights": [0.5, 2.0],
                "milestones": [2, 4], "gpu_id": "cuda:1", "sly_augs_path": "seg_simple", "encoder_weights": "imagenet",
                "custom_weights": "/w/model 001.pth", "output": "/r/exp 1", "cache_dir": "/tmp/c", "train_tag": "t",
-               "val_tag": "v", "jaccard_weight": 0.3, "val_percent": 25.0, "lr": 0.02, "min_lr": 1e-5}
+               "val_tag": "v", "jaccard_weight": 0.3, "val_percent": 25.0, "lr": 0.02, "min_lr": 1e-5,
+               "num_workers": 2}
     if action.dest in special:
         return special[action.dest]
     assert isinstance(action.default, (int, float)) and not isinstance(action.default, bool), action.dest
@@ -64,6 +70,10 @@ def test_unknown_setting_is_an_error():
     ("optimizer", "Lion", (None, "choose from SGD, Adam, AdamW")),
     ("save_best", False, (False, None)),
     ("gpu_id", " cpu ", ("cpu", None)),
+    ("num_workers", "auto", ("auto", None)),
+    ("num_workers", "3", (3, None)),
+    ("num_workers", "-1", (None, "must be 'auto' or >= 0")),
+    ("preset", "original", ("original", None)),
 ])
 def test_check_setting_uses_the_engine_types(dest, text, expected):
     assert check_setting(dest, text) == expected
@@ -82,3 +92,79 @@ def test_app_configs():
                                    "context_category": "UNet"}
     assert json.loads((repo / "config.json").read_text())["type"] == "collection"
     assert not (repo / "supervisely" / "__init__.py").exists()  # would hide the SDK package
+
+
+# ---- the device selector -----------------------------------------------------------------------
+
+def test_device_list_is_the_cpu_and_every_gpu_torch_sees():
+    import torch
+
+    devices = list_devices()
+    assert devices[0] == ("cpu", "CPU")
+    assert [value for value, _ in devices[1:]] == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    assert all(label.startswith(f"GPU {i}: ") for i, (_, label) in enumerate(devices[1:]))
+
+
+@pytest.mark.parametrize("selected, expected", [
+    (["cpu"], Launch("cpu")),
+    ("cpu", Launch("cpu")),
+    (["cuda:1"], Launch("cuda:1")),                 # one GPU: a plain run on it
+    (["cuda:0", "cuda:2"], Launch("auto", (0, 2))),  # several: torchrun, process N on the N-th chosen GPU
+])
+def test_launch_plan(selected, expected):
+    assert plan_launch(selected) == expected
+    assert expected.distributed == (len(expected.torchrun_gpus) > 1)
+
+
+@pytest.mark.parametrize("selected, message", [
+    ([], "choose the CPU or one or more GPUs"),
+    (["cpu", "cuda:0"], "the CPU cannot be combined with GPUs"),
+    (["cuda:0", "cuda:0"], "each device can be chosen once"),
+    (["cuda:0", "tpu"], "not a GPU: 'tpu'"),
+])
+def test_launch_plan_refuses_what_makes_no_run(selected, message):
+    with pytest.raises(ValueError, match=message):
+        plan_launch(selected)
+
+
+@pytest.mark.parametrize("launch, called", [(Launch("cpu"), "main"), (Launch("auto", (0, 1)), "torchrun")])
+def test_start_training_picks_the_launcher(monkeypatch, launch, called):
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv, reporter, ui_state: calls.append(("main", argv, reporter, ui_state))
+                        or {"status": "finished"})
+    monkeypatch.setattr(distributed, "run_torchrun", lambda argv, gpus, reporter, ui_state: calls.append(
+        ("torchrun", argv, gpus, reporter, ui_state)) or {"status": "finished"})
+    reporter, ui = Reporter(), {"selectedModel": "UNet"}
+    assert start_training(["--demo"], launch, reporter, ui) == {"status": "finished"}
+    expected = {"main": ("main", ["--demo"], reporter, ui), "torchrun": ("torchrun", ["--demo"], [0, 1], reporter, ui)}
+    assert calls == [expected[called]]
+
+
+# ---- the evaluation on the training card -------------------------------------------------------
+
+RUN = "/runs/exp 1"
+HEADLINE = {name: 0.5 for name in HEADLINE_METRICS} | {"mean_fg_boundary_iou": None}
+
+
+@pytest.mark.parametrize("summary, expected", [
+    ({"status": "finished"}, ("info", [], "Evaluation was turned off in step 06.")),
+    ({"status": "stopped"}, ("info", [], "Evaluation skipped: the run was stopped before its last epoch.")),
+    ({"status": "finished", "eval": None}, ("warning", [], "Evaluation skipped: no best or last checkpoint was saved.")),
+    ({"status": "finished", "eval": {"error": "RuntimeError: boom"}},
+     ("error", [], "Evaluation failed: RuntimeError: boom. The checkpoints are fine.")),
+])
+def test_evaluation_absent_skipped_or_failed(summary, expected):
+    assert describe_evaluation({"output_dir": RUN, **summary}, RUN) == expected
+
+
+@pytest.mark.parametrize("location, report", [
+    (RUN, f"{RUN}/eval/report.html"),                             # local: the run folder
+    ("/unet/42_exp_000/", "/unet/42_exp_000/eval/report.html"),   # platform: the uploaded Team Files folder
+])
+def test_evaluation_headline_and_report_location(location, report):
+    summary = {"status": "finished", "output_dir": RUN,
+               "eval": {"headline": HEADLINE, "report": f"{RUN}/eval/report.html"}}
+    status, metrics, text = describe_evaluation(summary, location)
+    assert status == "success" and text == f"Report: {report}"
+    assert metrics[0] == (METRIC_LABELS["mean_fg_iou"], "0.5000")
+    assert (METRIC_LABELS["mean_fg_boundary_iou"], "n/a") in metrics and len(metrics) == len(HEADLINE_METRICS)

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from custom_net.evaluate import METRIC_LABELS
 from custom_net.model import model_list
 from custom_net.train import build_parser, parse_args
 from tests.dashboard_harness import DashboardServer, PushListener
 
 TINY = {"s06_input_height": {"value": "64"}, "s06_input_width": {"value": "64"}, "s06_epochs": {"value": "2"},
-        "s06_batch_size": {"value": "4"}, "s06_gpu_id": {"value": "cpu"}, "s06_vis_count": {"value": "2"}}
+        "s06_batch_size": {"value": "4"}, "s06_gpu_id": {"value": ["cpu"]}, "s06_vis_count": {"value": "2"}}
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +124,45 @@ def test_hyperparameters_are_validated_on_the_widgets(app):
     assert data["s06_err_epochs"]["text"] == "must be >= 1, got 0"
     assert data["s06_err_batch_size"]["hide"]
     app.click("s06_apply", **TINY, s06_lr={"value": "0.001"}, s06_num_workers={"value": "-1"})
-    assert app.status(6) == ("error", "--num-workers must be >= 0")  # a rule of parse_args, not of one type
+    assert app.data()["s06_err_num_workers"]["text"] == "must be 'auto' or >= 0"
+    app.click("s06_apply", **TINY, s06_num_workers={"value": "auto"}, s06_checkpoint_interval={"value": "-1"})
+    assert app.status(6) == ("error", "--checkpoint-interval must be >= 0")  # a rule of parse_args, not of one type
     assert locked(app, 7)
 
 
+def test_device_selector(app):
+    """cpu plus every GPU torch sees (here: none), one or several; several GPUs never with the CPU."""
+    items = app.data()["s06_gpu_id"]["items"]
+    assert [item["value"] for item in items] == ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    assert app.state()["s06_gpu_id"]["value"] == ["cuda:0" if torch.cuda.is_available() else "cpu"]
+    for selected, message in (([], "choose the CPU or one or more GPUs"),
+                              (["cpu", "cuda:0"], "the CPU cannot be combined with GPUs: choose the CPU alone, or GPUs only")):
+        app.click("s06_apply", **{**TINY, "s06_gpu_id": {"value": selected}})
+        assert app.data()["s06_err_gpu_id"]["text"] == message and app.status(6)[0] == "error"
+    assert locked(app, 7)
+
+
+def test_recipe_fills_the_fields_it_decides(app):
+    """"original app" sets what --preset original sets; "defaults" puts the engine defaults back;
+    fields no recipe decides keep what the user typed."""
+    app.post("s06_preset/value_changed", s06_preset={"value": "original"}, s06_input_height={"value": "96"})
+    state = app.state()
+    assert state["s06_epochs"]["value"] == "10" and state["s06_lr"]["value"] == "0.001"
+    assert (state["s06_loss"]["value"], state["s06_lr_schedule"]["value"], state["s06_scheduler_order"]["value"],
+            state["s06_init"]["value"], state["s06_best_metric"]["value"]) == ("jaccard_nll", "StepLR", "before",
+                                                                              "original", "val_loss")
+    assert state["s06_input_height"]["value"] == "96"
+    app.post("s06_preset/value_changed", s06_preset={"value": "default"})
+    state = app.state()
+    assert (state["s06_epochs"]["value"], state["s06_loss"]["value"], state["s06_lr_schedule"]["value"],
+            state["s06_init"]["value"]) == ("20", "ce_dice", "cosine", "he")
+
+
 def test_full_run_to_the_end(app):
-    app.click("s06_apply", **TINY, s06_num_workers={"value": "0"}, s06_experiment={"value": "full"})
+    state = app.state()
+    assert state["s06_eval"]["value"] is True and state["s06_speed_test"]["value"] is True  # on by default
+    app.click("s06_apply", **TINY, s06_num_workers={"value": "0"}, s06_checkpoint_interval={"value": "1"},
+              s06_experiment={"value": "full"})
     assert app.status(6)[0] == "success", app.status(6)
     page = PushListener(app)  # the live page: pushed patches, not only what /sly/data answers
     app.click("s07_train")
@@ -166,7 +200,17 @@ def test_full_run_to_the_end(app):
     assert ui_state["widgets"]["s06_epochs"]["value"] == "2"
     assert ui_state["settings"]["classes"] == ["kiwi", "lemon"]
     torch.load(run_dir / "checkpoints" / "model_002_last.pth", weights_only=True)
-    assert json.loads((run_dir / "info" / "summary.json").read_text())["status"] == "finished"
+    summary = json.loads((run_dir / "info" / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    # the end-of-training evaluation: headline metrics and where the report is
+    for name in ("eval/report.html", "eval/metrics.json", "eval/speed.json"):
+        assert (run_dir / name).is_file(), name
+    evaluation = data["s07_eval"]
+    assert not evaluation["hide"] and evaluation["status"] == "text"
+    headline = summary["eval"]["headline"]
+    assert f"{METRIC_LABELS['mean_fg_iou']}: <b>{headline['mean_fg_iou']:.4f}</b>" in evaluation["text"]
+    assert f"{METRIC_LABELS['pixel_accuracy']}: <b>{headline['pixel_accuracy']:.4f}</b>" in evaluation["text"]
+    assert evaluation["text"].endswith(f"Report: {run_dir}/eval/report.html")
 
 
 def test_stop_ends_cleanly_with_the_last_checkpoint(app):
@@ -183,6 +227,8 @@ def test_stop_ends_cleanly_with_the_last_checkpoint(app):
     assert summary["status"] == "stopped" and summary["last_epoch"] < 40
     assert Path(summary["last_checkpoint"]).is_file()
     assert app.data()["s07_location"]["text"] == f"Artifacts: {app.results / 'stopped'}"
+    assert app.data()["s07_eval"]["text"] == "Evaluation skipped: the run was stopped before its last epoch."
+    assert not (app.results / "stopped" / "eval").exists()
     app.click("s07_stop")
     assert app.status(7) == ("error", "Nothing to stop: training is not running.")
 
@@ -220,7 +266,7 @@ def _non_default(action):
     if isinstance(action.default, bool):
         return not action.default
     return {"input_height": 96, "input_width": 128, "class_weights": [0.5, 1.0, 2.0], "milestones": [3, 7],
-            "gpu_id": "cpu", "lr": 0.005, "min_lr": 1e-5, "jaccard_weight": 0.25, "max_keep_ckpts": 3,
+            "gpu_id": "cpu", "num_workers": 1, "lr": 0.005, "min_lr": 1e-5, "jaccard_weight": 0.25, "max_keep_ckpts": 3,
             "warmup_epochs": 2.0}.get(action.dest, (action.default or 0) + 1 if isinstance(action.default, (int, float))
                                       and not isinstance(action.default, bool) else None)
 
@@ -241,7 +287,9 @@ def test_every_widget_value_lands_in_the_argv(app):
     for dest in sorted(widgets):
         value = wanted[dest] = _non_default(actions[dest])
         assert value is not None, dest
-        if isinstance(value, bool):
+        if dest == "gpu_id":  # the device selector: a list
+            patch[f"s06_{dest}"] = {"value": [value]}
+        elif isinstance(value, bool):
             patch[f"s06_{dest}"] = {"value": value}
         elif isinstance(value, list):
             patch[f"s06_{dest}"] = {"value": " ".join(map(str, value))}

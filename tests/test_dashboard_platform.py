@@ -89,8 +89,8 @@ def test_train_and_upload_the_artifact_tree(app, platform):
     app.click("s04_apply", s04_mode={"value": "custom"}, s04_custom_path={"value": "/augs/flip.json"})
     app.click("s05_apply", s05_model={"selectedRow": 0}, s05_weights={"value": "none"})
     app.click("s06_apply", s06_input_height={"value": "64"}, s06_input_width={"value": "64"},
-              s06_epochs={"value": "1"}, s06_batch_size={"value": "4"}, s06_gpu_id={"value": "cpu"},
-              s06_experiment={"value": "exp"})
+              s06_epochs={"value": "1"}, s06_batch_size={"value": "4"}, s06_gpu_id={"value": ["cpu"]},
+              s06_speed_test={"value": False}, s06_experiment={"value": "exp"})
     for step in range(2, 7):
         assert app.status(step)[0] == "success", (step, app.status(step))
     app.click("s07_train")
@@ -102,8 +102,12 @@ def test_train_and_upload_the_artifact_tree(app, platform):
     local = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     uploaded = {path[len(remote):]: data for path, data in platform.files.items() if path.startswith(remote)}
     assert set(uploaded) == set(local) and all(uploaded[k] == local[k] for k in local)  # byte-identical
-    for name in ("checkpoints/model_001_best.pth", "info/ui_state.json", "info/model_classes.json", "open_app.lnk"):
+    for name in ("checkpoints/model_001_best.pth", "info/ui_state.json", "info/model_classes.json", "open_app.lnk",
+                 "eval/report.html", "eval/metrics.json"):
         assert name in uploaded, name
+    assert "eval/speed.json" not in uploaded  # the speed test was switched off
+    # the report is named where the user finds it: in Team Files, inside the uploaded folder
+    assert app.data()["s07_eval"]["text"].endswith(f"Report: {remote}eval/report.html")
     assert json.loads(uploaded["info/ui_state.json"])["widgets"]["s06_experiment"]["value"] == "exp"
     assert json.loads(uploaded["info/augs_config.json"]) == flip
     assert uploaded["open_app.lnk"].decode().strip() == f"{platform.url}/apps/sessions/{TASK_ID}"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import supervisely as sly
 
+from custom_net.sly_integration import Launch
 from custom_net.sly_seg_dataset import Item
 from train_app.environment import Environment
 
@@ -19,6 +20,7 @@ class Session:
     # Each step's contribution to train.py's options, {parser dest: value}, by step number.
     settings_by_step: dict[int, dict] = field(default_factory=dict)
     experiment: str = "unet"
+    launch: Launch = field(default_factory=lambda: Launch("auto"))  # step 06's devices: in-process or torchrun
 
     def settings(self) -> dict:
         merged: dict = {}

@@ -5,24 +5,25 @@ import argparse
 
 from supervisely.app.widgets import Button, Card, Container, Field, Input, Select, Switch, Text
 
-from custom_net.sly_integration import check_setting, settings_to_argv
-from custom_net.train import ArgsError, build_parser, parse_args
+from custom_net.sly_integration import check_setting, list_devices, plan_launch, settings_to_argv
+from custom_net.train import ORIGINAL_PRESET, ArgsError, build_parser, parse_args
 from train_app.wizard import Step
 
-# The options this card shows, by section. A new engine option goes into one of these lists (new groups,
-# such as evaluation switches, get a section of their own), or into SET_ELSEWHERE; the dashboard tests
-# check that every option of build_parser() has a place.
+# The options this card shows, by section. A new engine option goes into one of these lists, or into
+# SET_ELSEWHERE; the dashboard tests check that every option of build_parser() has a place.
 SECTIONS = [
+    ("Recipe", ["preset"]),
     ("Input size", ["input_height", "input_width"]),
-    ("Training", ["epochs", "batch_size", "loss", "jaccard_weight", "class_weights", "seed", "amp", "channels_last"]),
+    ("Training", ["epochs", "batch_size", "loss", "jaccard_weight", "class_weights", "seed", "init"]),
     ("Optimizer", ["optimizer", "lr", "momentum", "weight_decay", "nesterov"]),
     ("Learning-rate schedule", ["lr_schedule", "step_size", "gamma_step", "milestones", "gamma_exp",
-                                "warmup_epochs", "min_lr"]),
+                                "warmup_epochs", "min_lr", "scheduler_order"]),
     ("Validation and checkpoints", ["val_interval", "best_metric", "checkpoint_interval", "max_keep_ckpts",
                                     "save_best", "save_last"]),
-    # gpu_id is a text field for now; a device selector (multi-GPU, torchrun: issue #6) replaces its widget
-    # in _widget() and adds its options here.
-    ("System", ["gpu_id", "num_workers", "metrics_period", "vis_count", "vis_interval"]),
+    ("Evaluation after training", ["eval", "speed_test"]),
+    ("Devices", ["gpu_id", "sync_bn", "dist_timeout"]),
+    ("Speed and system", ["amp", "channels_last", "compile", "num_workers", "metrics_period", "vis_count",
+                          "vis_interval"]),
 ]
 SET_ELSEWHERE = {
     "project_dir": 1, "split": 2, "val_percent": 2, "train_datasets": 2, "val_datasets": 2, "train_tag": 2,
@@ -31,10 +32,31 @@ SET_ELSEWHERE = {
     # CLI-only ways to start a run: the dashboard always starts a fresh one from its widgets
     "demo": None, "train_args": None, "resume": None, "train_set": None, "val_set": None,
 }
+# Where the engine's flag name or help says too little on a page.
+LABELS = {"preset": "Recipe", "gpu_id": "Devices", "eval": "Run evaluation", "speed_test": "Speed test",
+          "init": "Initialisation", "amp": "Mixed precision", "compile": "torch.compile",
+          "sync_bn": "SyncBatchNorm", "dist_timeout": "Distributed timeout, s"}
+HELP = {
+    "preset": "choosing one fills the fields the recipe decides (optimizer, learning rate and schedule, loss, epochs, "
+              "init, best metric), which stay editable; the augmentations stay as chosen in step 04",
+    "gpu_id": "the CPU, one GPU, or several GPUs: one process per GPU through torchrun, with the batch size per GPU",
+    "speed_test": "part of the evaluation: ms per image at batch 1 and at the batch size, with and without the fast path",
+    "sync_bn": "several GPUs: BatchNorm statistics over all GPUs (CUDA only)",
+}
+RECIPES = {"default": "defaults of this app", "original": "the original Train UNet app"}
 
 
 def _label(dest: str) -> str:
-    return dest.replace("_", " ").capitalize()
+    return LABELS.get(dest) or dest.replace("_", " ").capitalize()
+
+
+def _as_text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else ("" if value is None else str(value))
+
+
+def recipe_values(preset: str) -> dict:
+    """Every option's value under a recipe, as the engine resolves ``--preset``."""
+    return vars(parse_args(["--project-dir", ".", "--preset", preset]))
 
 
 class HyperparametersStep(Step):
@@ -53,9 +75,10 @@ class HyperparametersStep(Step):
                 self.errors[dest] = error = Text("", status="error", widget_id=self.wid(f"err_{dest}"))
                 error.hide()
                 fields.append(Field(Container([widget, error], gap=2), _label(dest),
-                                    (action.help or "").replace("%(default)s", str(action.default))))
+                                    HELP.get(dest) or (action.help or "").replace("%(default)s", str(action.default))))
             sections.append(Card(title, content=Container(fields), collapsable=True,
                                  widget_id=self.wid(f"section_{len(sections)}")))
+        self.inputs["preset"].value_changed(self._use_recipe)
         self.experiment = Input("unet", widget_id=self.wid("experiment"))
         self.apply = Button("Check and use these settings", widget_id=self.wid("apply"))
         self.controls = [*self.inputs.values(), self.experiment, self.apply]
@@ -64,24 +87,49 @@ class HyperparametersStep(Step):
 
     def _widget(self, dest, action):
         wid = self.wid(dest)
+        if dest == "gpu_id":  # several GPUs make a torchrun run (step 07)
+            devices = list_devices()
+            select = Select([Select.Item(value, label) for value, label in devices], multiple=True, widget_id=wid)
+            select.set_value([devices[1][0] if len(devices) > 1 else "cpu"])  # the first GPU, as --gpu-id auto
+            return select
         if isinstance(action, argparse.BooleanOptionalAction):
             return Switch(switched=bool(action.default), widget_id=wid)
         if action.choices is not None:
-            select = Select([Select.Item(c) for c in action.choices], widget_id=wid)
+            labels = RECIPES if dest == "preset" else {}
+            select = Select([Select.Item(c, labels.get(c, c)) for c in action.choices], widget_id=wid)
             select.set_value(action.default)
             return select
-        default = action.default
-        text = " ".join(map(str, default)) if isinstance(default, list) else ("" if default is None else str(default))
-        return Input(text, widget_id=wid)  # text, so that a typo reaches the check and gets a message
+        return Input(_as_text(action.default), widget_id=wid)  # text, so that a typo reaches the check and gets a message
 
-    def _raw(self, dest):
+    def _show(self, dest, value):
         widget = self.inputs[dest]
-        return widget.is_switched() if isinstance(widget, Switch) else widget.get_value()
+        if isinstance(widget, Switch):
+            widget.on() if value else widget.off()
+        else:
+            widget.set_value(value if isinstance(widget, Select) else _as_text(value))
+
+    def _use_recipe(self, preset):
+        if self.done or self.card.is_locked() or preset not in RECIPES:
+            return
+        values = recipe_values(preset)
+        for dest in ORIGINAL_PRESET:  # the fields a recipe decides
+            if dest in self.inputs:
+                self._show(dest, values[dest])
+
+    def _check(self, dest):
+        """(value, None) or (None, message) for one field."""
+        widget = self.inputs[dest]
+        if dest == "gpu_id":
+            try:
+                return plan_launch(widget.get_value()), None
+            except ValueError as e:
+                return None, str(e)
+        return check_setting(dest, widget.is_switched() if isinstance(widget, Switch) else widget.get_value())
 
     def _apply(self):
         settings, bad = {}, 0
         for dest in self.inputs:
-            value, message = check_setting(dest, self._raw(dest))
+            value, message = self._check(dest)
             if message:
                 bad += 1
                 self.errors[dest].set(message, status="error")
@@ -94,14 +142,19 @@ class HyperparametersStep(Step):
             raise ValueError("enter an experiment name without / \\ : * ? \" < > |")
         if bad:
             raise ValueError(f"{bad} value(s) need fixing: see the messages under the fields")
+        launch = settings["gpu_id"]
+        settings["gpu_id"] = launch.gpu_id
         try:  # rules that involve several options (and everything earlier steps chose)
             parse_args(settings_to_argv({**self.session.settings(), **settings}))
         except ArgsError as e:
             raise ValueError(str(e)) from None
         self.session.settings_by_step[self.number] = settings
         self.session.experiment = experiment
+        self.session.launch = launch
+        where = (f"GPUs {', '.join(map(str, launch.torchrun_gpus))} (torchrun, batch per GPU)" if launch.distributed
+                 else launch.gpu_id)
         self.wizard.complete(self, f"Settings checked: {settings['epochs']} epoch(s), batch {settings['batch_size']}, "
-                                   f"input {settings['input_width']}x{settings['input_height']}.")
+                                   f"input {settings['input_width']}x{settings['input_height']}, on {where}.")
 
     def reset(self):
         for error in self.errors.values():

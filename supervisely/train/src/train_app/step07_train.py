@@ -15,13 +15,15 @@ from supervisely.app import StateJson
 from supervisely.app.widgets import Button, Container, Field, Flexbox, GridGallery, LinePlot, Progress, Select, Text
 
 from custom_net import sly_seg_dataset as data, train
-from custom_net.sly_integration import DashboardReporter, settings_to_argv
+from custom_net.distributed import DistributedRunError, torchrun_command
+from custom_net.sly_integration import (DashboardReporter, Launch, describe_evaluation, settings_to_argv,
+                                        start_training)
 from train_app import platform_io
 from train_app.images import data_url
 from train_app.wizard import USER_ERRORS, Step
 
 logger = logging.getLogger("train_dashboard")
-ENGINE_ERRORS = (train.ArgsError, *USER_ERRORS)
+ENGINE_ERRORS = (train.ArgsError, DistributedRunError, *USER_ERRORS)
 POLL_SECONDS = 0.3
 
 
@@ -29,6 +31,7 @@ POLL_SECONDS = 0.3
 class Run:
     """One training run started from the card."""
     argv: list[str]
+    launch: Launch  # in this process, or several GPUs through torchrun
     reporter: DashboardReporter = field(default_factory=DashboardReporter)
     worker: threading.Thread | None = None
     follower: threading.Thread | None = None
@@ -66,8 +69,9 @@ class TrainStep(Step):
         self.preview_epoch = Select([], placeholder="epoch", widget_id=self.wid("preview_epoch"))
         self.gallery = GridGallery(2, show_opacity_slider=False, widget_id=self.wid("gallery"))
         self.log = Text("", status="text", widget_id=self.wid("log"))
-        # Best checkpoint and its metrics; the place for the headline evaluation metrics (issue #8).
-        self.results = Text("", status="text", widget_id=self.wid("results"))
+        self.results = Text("", status="text", widget_id=self.wid("results"))  # the best checkpoint
+        self.evaluation = Text("", status="text", widget_id=self.wid("eval"))  # headline metrics, report
+        self.evaluation.hide()
         self.location = Text("", status="success", widget_id=self.wid("location"))
         self.location.hide()
         self.action(self.train)(self._start)
@@ -77,7 +81,7 @@ class TrainStep(Step):
                 Flexbox([self.lr_plot, self.loss_plot, self.metrics_plot]),
                 Field(Container([self.preview_epoch, self.gallery]), "Predictions over time",
                       "image | ground truth | prediction, for the train (left) and val (right) preview items"),
-                self.log, self.results, self.upload, self.location]
+                self.log, self.results, self.upload, self.location, self.evaluation]
 
     # ---- start / stop
     def output_dir(self) -> Path:
@@ -102,9 +106,11 @@ class TrainStep(Step):
         model_classes = data.build_model_classes(self.session.project.meta, args.classes)
         ui_state = {**train.ui_state_from_args(args, model_classes), "settings": settings,
                     "widgets": json.loads(json.dumps(dict(StateJson()), default=str))}
+        if self.session.launch.distributed:
+            ui_state["gpusId"] = list(self.session.launch.torchrun_gpus)
         self._clear()
-        self._show_command(argv)
-        run = self.run = Run(argv)
+        self._show_command(argv, self.session.launch)
+        run = self.run = Run(argv, self.session.launch)
         run.worker = threading.Thread(target=self._train, args=(run, ui_state), name="unet-train", daemon=True)
         run.follower = threading.Thread(target=self._follow, args=(run,), name="unet-follow", daemon=True)
         self.train.disable()  # before the threads: a run that fails at once re-enables it
@@ -122,7 +128,7 @@ class TrainStep(Step):
 
     def _train(self, run: Run, ui_state: dict):
         try:
-            run.summary = train.main(run.argv, reporter=run.reporter, ui_state=ui_state)
+            run.summary = start_training(run.argv, run.launch, run.reporter, ui_state)
         except ENGINE_ERRORS as e:
             run.error = str(e)
         except Exception as e:
@@ -150,7 +156,8 @@ class TrainStep(Step):
     def _on_start(self, run, epochs, start_epoch, iters_per_epoch, **info):
         run.iters_per_epoch = iters_per_epoch
         run.epoch_bar = self.epochs(message="Epochs", total=epochs, initial=start_epoch - 1)
-        self._log(run, f"Training {info['model']} on {info['device']} ({info['amp']}): {info['train_size']} train / "
+        processes = f" x {info['world_size']} processes" if info.get("world_size", 1) > 1 else ""
+        self._log(run, f"Training {info['model']} on {info['device']}{processes} ({info['amp']}): {info['train_size']} train / "
                        f"{info['val_size']} val images, output {info['output_dir']}")
 
     def _on_epoch_start(self, run, epoch):
@@ -220,15 +227,25 @@ class TrainStep(Step):
             except Exception as e:  # the run itself is fine: say where it is
                 logger.error("upload failed:\n%s", traceback.format_exc())
                 self.phase.set("upload failed", status="error")
+                self._show_evaluation(summary, str(output))
                 return self.error(f"Uploading the artifacts failed ({type(e).__name__}: {e}); "
                                   f"they are kept in {output} on the agent.")
         else:
             run.location = str(output)
         self.location.set(f"Artifacts: {run.location}", status="success")
         self.location.show()
+        self._show_evaluation(summary, run.location)
         self.phase.set(summary["status"], status="success")
         self.wizard.complete(self, f"Training {summary['status']} after epoch {summary['last_epoch']} of "
                                    f"{summary['epochs']}.")
+
+    def _show_evaluation(self, summary: dict, run_location: str):
+        status, metrics, text = describe_evaluation(summary, run_location)
+        lines = [f"{html.escape(label)}: <b>{value}</b>" for label, value in metrics]
+        title = "<b>Evaluation on the validation set</b>" if metrics else ""
+        self.evaluation.set("<br>".join(filter(None, [title, *lines, html.escape(text)])),
+                            status="text" if status == "success" else status)
+        self.evaluation.show()
 
     def _upload(self, output: Path) -> str:
         env = self.session.env
@@ -248,12 +265,17 @@ class TrainStep(Step):
     # ---- restart
     def on_unlock(self):
         self._clear()
-        self._show_command(settings_to_argv(self.settings()))
+        self._show_command(settings_to_argv(self.settings()), self.session.launch)
         self.train.enable()
 
-    def _show_command(self, argv):
+    def _show_command(self, argv, launch: Launch):
         """The same run from a terminal (and what the tests parse back)."""
-        self.command.set("python custom_net/train.py " + shlex.join(argv), status="text")
+        if launch.distributed:
+            gpus = torchrun_command(argv, list(launch.torchrun_gpus))[1]["CUDA_VISIBLE_DEVICES"]
+            prefix = f"CUDA_VISIBLE_DEVICES={gpus} torchrun --standalone --nproc-per-node {len(launch.torchrun_gpus)}"
+        else:
+            prefix = "python"
+        self.command.set(f"{prefix} custom_net/train.py {shlex.join(argv)}", status="text")
 
     def reset(self):
         self._clear()
@@ -270,6 +292,7 @@ class TrainStep(Step):
         self.preview_epoch.set([Select.Item(0, "no previews yet")])
         self.log.set("", status="text")
         self.results.set("", status="text")
+        self.evaluation.hide()
         self.phase.set("Not started", status="text")
         self.location.hide()
 
