@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import supervisely as sly
 import torch
@@ -162,8 +163,20 @@ def _whole_image_probabilities(model, images: list[np.ndarray], input_height: in
     """Probabilities (C, H, W) at each image's own size; the images, resized to the training size, share one pass."""
     batch = np.stack([resize_image(image, input_height, input_width) for image in images])
     probs = predict_probabilities(model, batch, device, amp_dtype)
-    return [F.interpolate(p[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
-            for image, p in zip(images, probs)]
+    return [resize_probabilities(p, *image.shape[:2]) for image, p in zip(images, probs)]
+
+
+def resize_probabilities(probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize of (C, h, w) probabilities to (C, height, width).
+
+    On the CPU OpenCV does it about 5x faster than torch for a few channels; the result is an
+    (H, W, C) array seen as (C, H, W), which argmax over dim 0 reads as it is.
+    """
+    if probs.device.type != "cpu" or probs.shape[0] > 512:  # cv2.resize takes at most 512 channels
+        return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    hwc = probs.permute(1, 2, 0).contiguous().numpy()
+    resized = cv2.resize(hwc, (width, height), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(resized.reshape(height, width, -1)).permute(2, 0, 1)
 
 
 @torch.inference_mode()

@@ -215,3 +215,13 @@ def test_fp16_scaler_skips_are_reported():
     train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, [batch], torch.device("cpu"), epoch=1,
                     scaler=scaler, on_skip=skipped.append)
     assert skipped == [1, 2]
+
+
+@pytest.mark.parametrize("channels", [1, 3, 7])
+def test_probability_resize_matches_torch_bilinear(channels):
+    from custom_net.inference import resize_probabilities
+    probs = torch.rand(channels, 40, 56).softmax(0)
+    expected = torch.nn.functional.interpolate(probs[None], size=(101, 77), mode="bilinear", align_corners=False)[0]
+    resized = resize_probabilities(probs, 101, 77)
+    assert resized.shape == (channels, 101, 77)
+    assert torch.allclose(resized, expected, atol=1e-5)
