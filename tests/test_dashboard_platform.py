@@ -99,7 +99,9 @@ def test_train_and_upload_the_artifact_tree(app, platform):
     remote = f"/unet/{TASK_ID}_exp/"
     assert app.data()["s07_location"]["text"] == f"Artifacts: {remote}"
     run_dir = app.data_dir / "runs" / f"{TASK_ID}_exp"
-    local = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    local = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*")
+             if p.is_file() and p.name != ".unet_upload.json"}  # where this run uploads to: not uploaded
+    assert json.loads((run_dir / ".unet_upload.json").read_text()) == {"remote_dir": f"/unet/{TASK_ID}_exp/"}
     uploaded = {path[len(remote):]: data for path, data in platform.files.items() if path.startswith(remote)}
     assert set(uploaded) == set(local) and all(uploaded[k] == local[k] for k in local)  # byte-identical
     for name in ("checkpoints/model_001_best.pth", "info/ui_state.json", "info/model_classes.json", "open_app.lnk"):

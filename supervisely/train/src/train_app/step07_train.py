@@ -104,6 +104,7 @@ class TrainStep(Step):
                     "widgets": json.loads(json.dumps(dict(StateJson()), default=str))}
         self._clear()
         self._show_command(argv)
+        platform_io.forget_upload(self.output_dir())  # a new run: its upload picks its Team Files folder anew
         run = self.run = Run(argv)
         run.worker = threading.Thread(target=self._train, args=(run, ui_state), name="unet-train", daemon=True)
         run.follower = threading.Thread(target=self._follow, args=(run,), name="unet-follow", daemon=True)
@@ -217,6 +218,10 @@ class TrainStep(Step):
             self.phase.set("uploading", status="info")
             try:
                 run.location = self._upload(output)
+            except platform_io.UploadError as e:  # retries exhausted: the message says where and how to finish
+                logger.error("%s", e)
+                self.phase.set("upload failed", status="error")
+                return self.error(html.escape(str(e)).replace("\n", "<br>"))
             except Exception as e:  # the run itself is fine: say where it is
                 logger.error("upload failed:\n%s", traceback.format_exc())
                 self.phase.set("upload failed", status="error")
