@@ -129,11 +129,6 @@ def upload_command(env: Environment, run_dir: Path, remote_dir: str) -> str:
             + (f" --task-id {env.task_id}" if env.task_id is not None else ""))
 
 
-def forget_upload(run_dir: Path) -> None:
-    """A new run in this folder: its upload picks a folder anew."""
-    (run_dir / UPLOAD_STATE).unlink(missing_ok=True)
-
-
 def _destination(env: Environment, run_dir: Path, remote_dir: str) -> str:
     """The Team Files folder of this run: chosen once (``remote_dir``, or ``remote_dir_000`` ... when taken,
     as the SDK names it) and kept in the run folder, so retries and later uploads complete the same one."""
@@ -164,6 +159,7 @@ def _post_batch(env: Environment, batch: list[tuple[Path, str]], timeout) -> Non
 
 
 def _batches(files: list[tuple[Path, str, int]]):
+    """(local, remote, size) in groups of at most BATCH_FILES files and BATCH_BYTES (a bigger file alone)."""
     batch, size = [], 0
     for local, remote, n in files:
         if batch and (size + n > BATCH_BYTES or len(batch) == BATCH_FILES):
@@ -180,7 +176,8 @@ def upload_artifacts(env: Environment, run_dir: Path, remote_dir: str,
                      timeout=UPLOAD_TIMEOUT) -> str:
     """Upload the run folder to Team Files and make it the task's output; returns the remote folder.
     Transient failures are retried (bounded backoff, ``api.retry_count`` failures in a row at most); a file
-    already in Team Files with its size is not sent again. On final failure raises UploadError with the command that finishes the upload later."""
+    already in Team Files with its size is not sent again. On final failure raises UploadError with the
+    command that finishes the upload later."""
     remote, attempts, failures = remote_dir, max(env.api.retry_count, 1), 0  # gives up after `attempts` in a row
     while True:
         try:

@@ -104,7 +104,6 @@ class TrainStep(Step):
                     "widgets": json.loads(json.dumps(dict(StateJson()), default=str))}
         self._clear()
         self._show_command(argv)
-        platform_io.forget_upload(self.output_dir())  # a new run: its upload picks its Team Files folder anew
         run = self.run = Run(argv)
         run.worker = threading.Thread(target=self._train, args=(run, ui_state), name="unet-train", daemon=True)
         run.follower = threading.Thread(target=self._follow, args=(run,), name="unet-follow", daemon=True)
