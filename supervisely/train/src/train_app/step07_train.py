@@ -219,8 +219,8 @@ class TrainStep(Step):
                 run.location = self._upload(output)
             except platform_io.UploadError as e:  # retries exhausted: the message says where and how to finish
                 logger.error("%s", e)
-                self.phase.set("upload failed", status="error")
-                return self.error(html.escape(str(e)).replace("\n", "<br>"))
+                self.error(html.escape(str(e)).replace("\n", "<br>"))
+                return self.phase.set("upload failed", status="error")  # last: what a watcher waits for
             except Exception as e:  # the run itself is fine: say where it is
                 logger.error("upload failed:\n%s", traceback.format_exc())
                 self.phase.set("upload failed", status="error")
