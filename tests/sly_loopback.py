@@ -6,13 +6,15 @@ image project and to upload a folder to Team Files, and records every call.
         sly.download_project(api, platform.project_id, "dest")
         api.file.upload_directory(platform.team_id, "local_dir", "/unet/1_exp/")
         platform.files            # {"/unet/1_exp/a.txt": b"..."}: what arrived in Team Files
+        platform.stored           # ["/unet/1_exp/a.txt", ...]: every write, in order
         platform.calls            # [Call(method, query, body), ...] in order
 
 Only what the SDK needs is implemented (methods named as in ``POST /public/api/v3/<method>``); an
 unknown method answers 404 and is listed in ``platform.unknown``. Fault injection for other tests:
 ``platform.fail("images.bulk.download", status=500, times=2)`` answers the next two such calls
-with that status; ``platform.handlers[method] = fn(platform, call) -> (status, body)`` replaces
-or adds a method.
+with that status; ``status="drop"`` closes the connection without an answer, ``status="timeout"`` holds
+the request ``platform.stall_seconds`` and then drops it (a client with a shorter read timeout gives up
+first); ``platform.handlers[method] = fn(platform, call) -> (status, body)`` replaces or adds a method.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import email.parser
 import email.policy
 import json
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -83,9 +86,11 @@ class LoopbackPlatform:
         self.calls: list[Call] = []
         self.unknown: list[str] = []
         self.files: dict[str, bytes] = {}
+        self.stored: list[str] = []  # every Team Files path written, in order (a path twice: uploaded twice)
         self.task_outputs: list[dict] = []
         self.task_fields: list[dict] = []
-        self._faults: dict[str, list[int]] = defaultdict(list)
+        self._faults: dict[str, list[int | str]] = defaultdict(list)
+        self.stall_seconds = 2.0
         self._lock = threading.Lock()
         self._load_project(project_dir)
         self.handlers = {
@@ -115,8 +120,9 @@ class LoopbackPlatform:
         self._server.shutdown()
         self._server.server_close()
 
-    def fail(self, method: str, status: int = 500, times: int = 1) -> None:
-        """Answer the next ``times`` calls of ``method`` with ``status``."""
+    def fail(self, method: str, status: int | str = 500, times: int = 1) -> None:
+        """Answer the next ``times`` calls of ``method`` with ``status`` (an HTTP status, "drop" or "timeout")."""
+        assert isinstance(status, int) or status in ("drop", "timeout"), status
         self._faults[method].extend([status] * times)
 
     def methods(self) -> list[str]:
@@ -209,7 +215,7 @@ class LoopbackPlatform:
                      teamId=self.team_id, size=len(self.files[path]), mime="application/octet-stream",
                      ext=Path(path).suffix.lstrip("."), hash="", createdAt="2026-01-01T00:00:00.000Z",
                      updatedAt="2026-01-01T00:00:00.000Z", fullStorageUrl=f"{self.url}/files{path}",
-                     userId=1, meta={}, type="file")
+                     userId=1, meta={"size": len(self.files[path])}, type="file")  # FileInfo.sizeb
 
     def _files_list(self, call):
         """Everything under ``path`` (recursive), files and their folders, as the platform lists them."""
@@ -242,6 +248,7 @@ class LoopbackPlatform:
             if name == "file":
                 path = "/" + (fields["path"].rstrip("/") + "/" + fields["name"]).lstrip("/")
                 self.files[path] = payload
+                self.stored.append(path)
                 stored.append(self._file_info(path))
             else:
                 fields[name] = payload.decode()
@@ -282,6 +289,11 @@ class LoopbackPlatform:
                     fault = platform._faults[method].pop(0) if platform._faults.get(method) else None
                 if self.headers.get("x-api-key") != platform.token and url.path.startswith(API_PREFIX):
                     return self._send(401, {"error": "bad token"})
+                if fault == "timeout":
+                    time.sleep(platform.stall_seconds)
+                if fault in ("drop", "timeout"):  # the request was read (and maybe processed): no answer
+                    self.close_connection = True
+                    return
                 if fault is not None:
                     return self._send(fault, {"error": f"injected fault {fault}"})
                 handler = platform.handlers.get(method)

@@ -2,8 +2,11 @@
 download by project id (cached), upload of the artifact tree to Team Files, task output."""
 from __future__ import annotations
 
+import html
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -30,7 +33,9 @@ def app(platform, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dash_platform")
     server = DashboardServer({"SERVER_ADDRESS": platform.url, "API_TOKEN": platform.token, "TASK_ID": str(TASK_ID),
                               "TEAM_ID": str(platform.team_id), "WORKSPACE_ID": str(platform.workspace_id),
-                              "PROJECT_ID": str(platform.project_id), "SLY_APP_DATA_DIR": str(tmp / "data")},
+                              "PROJECT_ID": str(platform.project_id), "SLY_APP_DATA_DIR": str(tmp / "data"),
+                              # the SDK's retries, also used for the upload's: two tries each, no sleeping
+                              "SUPERVISELY_PUBLIC_API_RETRIES": "2", "SUPERVISELY_PUBLIC_API_RETRY_SLEEP_SEC": "0"},
                              tmp / "app.log")
     server.data_dir = tmp / "data"
     yield server
@@ -99,7 +104,9 @@ def test_train_and_upload_the_artifact_tree(app, platform):
     remote = f"/unet/{TASK_ID}_exp/"
     assert app.data()["s07_location"]["text"] == f"Artifacts: {remote}"
     run_dir = app.data_dir / "runs" / f"{TASK_ID}_exp"
-    local = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    local = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*")
+             if p.is_file() and p.name != ".unet_upload.json"}  # where this run uploads to: not uploaded
+    assert json.loads((run_dir / ".unet_upload.json").read_text()) == {"remote_dir": f"/unet/{TASK_ID}_exp/"}
     uploaded = {path[len(remote):]: data for path, data in platform.files.items() if path.startswith(remote)}
     assert set(uploaded) == set(local) and all(uploaded[k] == local[k] for k in local)  # byte-identical
     for name in ("checkpoints/model_001_best.pth", "info/ui_state.json", "info/model_classes.json", "open_app.lnk",
@@ -118,3 +125,30 @@ def test_train_and_upload_the_artifact_tree(app, platform):
     output = platform.task_outputs[0]
     assert output["taskId"] == TASK_ID and output["output"]["general"]["title"] == remote
     assert platform.unknown == []
+
+
+def test_upload_that_gives_up_keeps_the_run_and_shows_the_command(app, platform):
+    """After test_train_and_upload_the_artifact_tree: the same experiment again, while uploads fail."""
+    platform.fail("file-storage.bulk.upload", "drop", times=2)  # both tries of the first batch
+    app.click("s07_restart")
+    app.click("s07_train")
+    assert app.wait_phase() == "upload failed", (app.status(7), app.log_tail())
+    run_dir = app.data_dir / "runs" / f"{TASK_ID}_exp_000"  # the engine's new folder: the first run's is kept
+    status, text = app.status(7)
+    text = html.unescape(text)
+    assert status == "error" and f"The artifacts are kept in {run_dir}; upload them later with:<br>" in text, text
+    command = text.split("<br>")[-1]
+    remote = f"/unet/{TASK_ID}_exp_000/"  # a new run: the first run's folder is taken
+    assert f"uploading the artifacts to {remote} failed 2 time(s) in a row" in text
+    assert command.endswith(f"-m train_app.upload_run {run_dir} --team-id {platform.team_id} --remote {remote} "
+                            f"--task-id {TASK_ID}"), command
+    assert (run_dir / "checkpoints" / "model_001_best.pth").is_file()
+    assert not any(path.startswith(remote) for path in platform.files)
+
+    env = {**os.environ, "SERVER_ADDRESS": platform.url, "API_TOKEN": platform.token}
+    result = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    local = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()} - {".unet_upload.json"}
+    assert {path[len(remote):] for path in platform.files if path.startswith(remote)} == local
+    assert platform.task_outputs[-1]["output"]["general"]["title"] == remote
+

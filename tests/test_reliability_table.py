@@ -34,6 +34,10 @@ NUMERIC = "tests/test_reliability_numeric.py::"
 INPUTS = "tests/test_reliability_inputs.py::"
 BAD_INPUT = "tests/test_bad_input.py::"
 E2E = "tests/test_train_e2e.py::"
+PLATFORM = "tests/test_reliability_platform.py::"
+SERVE = "tests/test_reliability_serve.py::"
+DASHBOARD_LOCAL = "tests/test_dashboard_local.py::"
+DASHBOARD_PLATFORM = "tests/test_dashboard_platform.py::"
 
 FAULTS = [
     Fault("crash", "`SIGKILL` of a seeded CPU run inside epoch 2 of 3, then `--resume`",
@@ -56,6 +60,10 @@ FAULTS = [
     Fault("crash", "Stop during the first epoch",
           "`model_001_last.pth` saved; `--resume` refuses with \"ended before its first epoch; start it anew\"",
           (E2E + "test_stop_during_first_epoch",)),
+    Fault("crash", "The dashboard's Stop during a 40-epoch run",
+          "Phase `stopped`: `summary.json` says `stopped` before epoch 40, its last checkpoint exists, the card shows "
+          "where the run is; restarting a step while it runs is refused; Stop when idle: \"Nothing to stop\"",
+          (DASHBOARD_LOCAL + "test_stop_ends_cleanly_with_the_last_checkpoint",)),
     Fault("numeric", "NaN loss at epoch 2, iteration 2",
           "Stops: \"loss became nan at epoch 2, iteration 2\"; epoch-1 checkpoints kept; `summary.json` `failed`",
           (E2E + "test_non_finite_loss_raises_and_keeps_checkpoints",)),
@@ -86,6 +94,46 @@ FAULTS = [
           "`--cache-dir DIR: no room for the decoded-image cache (N MB): No space left on device` "
           "(before: killed by SIGBUS)",
           (STORAGE + "test_full_cache_folder_is_a_clear_error",)),
+    Fault("platform", "Project download (dashboard): a dropped connection, a stalled request (dropped after 0.5 s), "
+                      "a 503, then a 500 and a 504 on the same request (the SDK's retries used up)",
+          "Each retried by the SDK; on the last the app downloads the project again: \"Project ready: downloaded.\", "
+          "every image byte-identical",
+          (PLATFORM + "test_download_retries_drops_5xx_and_timeouts",)),
+    Fault("platform", "Project download failing on every try (500)",
+          "Bounded: SDK retries x 3 downloads, then `downloading the project failed: Retry limit exceeded ...` on "
+          "the card; no cache marker (never taken for a current copy); the next click downloads it",
+          (PLATFORM + "test_download_retries_drops_5xx_and_timeouts",)),
+    Fault("platform", "Artifact upload: a dropped connection, a lost answer (files stored, 502 returned), a 500 on "
+                      "the listing; the Team Files folder already taken; later a client read timeout (server stalls)",
+          "Uploaded to `/unet/42_exp_000/` (named as the SDK names it), byte-identical; every path stored exactly "
+          "once, no `_001`: the batch whose answer was lost is not sent again; task output set",
+          (PLATFORM + "test_upload_retries_and_never_stores_a_file_twice",)),
+    Fault("platform", "Artifact upload: 503 on every try after the first batch",
+          "Gives up after the retry count of failures in a row, exit code 1: `uploading the artifacts to ... failed "
+          "2 time(s) in a row: 503 ...; The artifacts are kept in RUN; upload them later with:` and the command; "
+          "the run folder unchanged; the printed command completes the same folder, the first batch not re-sent",
+          (PLATFORM + "test_upload_gives_up_keeps_the_run_and_prints_the_command",)),
+    Fault("platform", "Dashboard upload after training, dropped on every try",
+          "Phase `upload failed`; the card names the kept run folder and the command; the command uploads it and "
+          "sets the task output",
+          (DASHBOARD_PLATFORM + "test_upload_that_gives_up_keeps_the_run_and_shows_the_command",)),
+    Fault("serve", "300 generated uploads to `/inference_image` and `/inference_batch`: random bytes, truncated or "
+                   "corrupted PNGs, PNG headers of any size (0 to 2^32-1), depth and colour type; 0-3 files under "
+                   "right or wrong field names and odd file names; settings as random text, any JSON, near-miss "
+                   "keys and values",
+          "Every answer 2xx, or 4xx with a `message` / `detail`; never a 5xx or a dropped connection",
+          (SERVE + "test_fuzzed_uploads_never_crash_the_server",)),
+    Fault("serve", "150 generated bodies for the info routes (random bytes, any JSON, objects whose `context`, "
+                   "`state`, `api_token`, `server_address` have any type; any content type) and non-object JSON "
+                   "for the platform-only routes",
+          "Same; before, the SDK's middleware answered 500 to a JSON body that is not an object or has a "
+          "non-object `context` / `state` or a non-string token or address: now a 400 naming the problem",
+          (SERVE + "test_fuzzed_json_bodies_never_crash_the_server",)),
+    Fault("serve", "1,000 requests after a 100-request warm-up: good single, batch and sliding inferences, a "
+                   "60000x60000 PNG header, noise, bad settings, a wrong field, a truncated PNG",
+          "Server RSS (`/proc/PID/status`) grows less than 40 MB (measured: +2 MB on 1,056 MB); the good ones 200, "
+          "the rest 4xx; the server answers afterwards",
+          (SERVE + "test_memory_stays_bounded_over_1000_requests",)),
     Fault("input", "0-byte image; image with garbage bytes",
           "Error naming the file: `IMAGE: empty file` / `not a readable image`, nothing written",
           (BAD_INPUT + "test_bad_image_file",)),

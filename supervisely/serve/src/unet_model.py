@@ -3,7 +3,8 @@
 Requests go through the SDK's routes and request manager. Two of them, ``/inference_image`` and
 ``/inference_batch`` (uploads), are replaced by versions with the same form fields that decode the
 upload with the engine's decoder and check the settings first, so a bad image or an unknown
-setting is a 400 with a message instead of a 500.
+setting is a 400 with a message instead of a 500. ``JsonBodyGuard`` does the same for JSON bodies that
+the SDK's middleware cannot read (not an object, not JSON).
 """
 from __future__ import annotations
 
@@ -138,6 +139,67 @@ def _bad_request(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=400, content={"detail": message, "message": message, "success": False})
 
 
+MAX_JSON_BODY = 16 * 1024 * 1024  # a JSON request (ids, urls, settings) is small; uploads are multipart
+
+
+def _json_body_problem(body: bytes) -> str | None:
+    """Why a JSON request body cannot be served, or None. The SDK's middleware reads "context" and "state"
+    from every JSON body and fails with a 500 on anything but an object (an empty body, ``[]``, bad UTF-8)."""
+    try:
+        content = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        return f"request body is not valid JSON ({e})"
+    if not isinstance(content, dict):
+        return f"request body must be a JSON object, got {type(content).__name__}"
+    for key in ("context", "state"):
+        if content.get(key) is not None and not isinstance(content[key], dict):
+            return f"\"{key}\" must be a JSON object, got {type(content[key]).__name__}"
+    for where, key in ((content, "api_token"), (content, "server_address"), (content.get("context") or {}, "apiToken")):
+        if where.get(key) is not None and not isinstance(where[key], str):  # the SDK builds an Api from them
+            return f"\"{key}\" must be a string, got {type(where[key]).__name__}"
+    return None
+
+
+class JsonBodyGuard:
+    """ASGI middleware in front of the SDK's: a JSON request with a body the SDK cannot read gets a 400
+    with a message instead of a 500; a good one is passed on unchanged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
+        if b"application/json" not in headers.get(b"content-type", b""):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > MAX_JSON_BODY:
+                problem = f"JSON request body larger than {MAX_JSON_BODY} bytes"
+                return await JSONResponse(status_code=413, content={"detail": problem, "message": problem,
+                                                                    "success": False})(scope, receive, send)
+        body = b"".join(chunks)
+        problem = _json_body_problem(body)
+        if problem is not None:
+            return await JSONResponse(status_code=400, content={"detail": problem, "message": problem,
+                                                                "success": False})(scope, receive, send)
+        replayed = False
+
+        async def replay():  # the body once, then whatever the connection says next
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 def _replace_post_route(server: FastAPI, path: str, endpoint) -> None:
     """Serve ``endpoint`` at ``path`` instead of the SDK's handler (the first matching route answers)."""
     server.add_api_route(path, endpoint, methods=["POST"])
@@ -222,6 +284,7 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
         server = self._app.get_server()
         for error in (InvalidSettings, ImageReadError):
             server.add_exception_handler(error, _bad_request)
+        server.add_middleware(JsonBodyGuard)  # outermost: runs before the SDK's middleware
 
         def inference_image(files: List[UploadFile], settings: str = Form("{}"), state: str = Form("{}")):
             request_state = parse_state(settings if state in ("", "{}") else state)

@@ -26,7 +26,8 @@ class Environment:
         data_dir = Path(os.environ.get("SLY_APP_DATA_DIR") or Path(tempfile.gettempdir()) / "unet_dashboard")
         data_dir.mkdir(parents=True, exist_ok=True)
         if os.environ.get("SERVER_ADDRESS") and os.environ.get("API_TOKEN"):
-            return cls(platform=True, data_dir=data_dir, api=sly.Api.from_env(),
+            # retry_count=None: the SDK reads SUPERVISELY_PUBLIC_API_RETRIES (from_env alone fixes it at 10)
+            return cls(platform=True, data_dir=data_dir, api=sly.Api.from_env(retry_count=None),
                        team_id=sly.env.team_id(), workspace_id=sly.env.workspace_id(raise_not_found=False),
                        project_id=sly.env.project_id(raise_not_found=False),  # step 01 explains when missing
                        task_id=sly.env.task_id(raise_not_found=False))

@@ -224,6 +224,10 @@ class TrainStep(Step):
             self.phase.set("uploading", status="info")
             try:
                 run.location = self._upload(output)
+            except platform_io.UploadError as e:  # retries exhausted: the message says where and how to finish
+                logger.error("%s", e)
+                self.error(html.escape(str(e)).replace("\n", "<br>"))
+                return self.phase.set("upload failed", status="error")  # last: what a watcher waits for
             except Exception as e:  # the run itself is fine: say where it is
                 logger.error("upload failed:\n%s", traceback.format_exc())
                 self.phase.set("upload failed", status="error")
