@@ -74,6 +74,10 @@ FAULTS = [
           "Exit code 3, `error: gradient became nan at epoch 2, iteration 3 (the loss was finite)`; the step is "
           "not taken, so no checkpoint holds NaN weights",
           (NUMERIC + "test_non_finite_stops_naming_epoch_and_iteration[inf-gradient]",)),
+    Fault("numeric", "`--amp fp16`: gradients overflow under the gradient scaler",
+          "The scaler skips the step (weights unchanged); each skip reaches `on_skip`, the epoch's count is "
+          "recorded as `amp_skipped_steps` in `metrics.jsonl` and reported as a warning naming the iterations",
+          ("tests/test_fast_path.py::test_fp16_scaler_skips_are_reported",)),
     Fault("storage", "Read-only `--output` (read-only mount)",
           "Before any image is decoded: `--output: cannot write to DIR (read-only or no permission)`, exit code 2",
           (STORAGE + "test_read_only_output_fails_before_training",)),
