@@ -1,7 +1,7 @@
 """Serving throughput and latency over HTTP, PyTorch against ONNX Runtime.
 
     python bench/serve_bench.py                          # a fixed-seed UNet at 256x256, both runtimes
-    python bench/serve_bench.py --run results/exp1 --requests 50 --clients 4 --output bench/RESULTS_serve.md
+    python bench/serve_bench.py --run results/exp1 --requests 50 --clients 4 --output serve.md   # then add the table to bench/RESULTS.md
 
 For each runtime the serving app runs under uvicorn on 127.0.0.1 (as deployed), and for a 256x256
 and a 1067x800 image (a lemons photo when ../shared is present) it measures sequential latency
