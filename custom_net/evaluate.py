@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from custom_net import sly_seg_dataset as data
-from custom_net.inference import INFERENCE_MODES, load_trained_model, predict_image
+from custom_net.inference import INFERENCE_MODES, load_trained_model, predict_image, resolve_checkpoint
 from custom_net.preprocessing import resize_image, resize_mask
 from custom_net.utils import (AMP_MODES, atomic_write, atomic_write_json, atomic_write_text, forward_batch,
                               resolve_amp, select_device)
@@ -55,21 +55,6 @@ class EvalError(ValueError):
 
 
 # ---- input ---------------------------------------------------------------------------------
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A ``.pth`` file as given, or for a run folder its best checkpoint (else last, else newest)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise EvalError(f"--checkpoint: {path} not found")
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    for pattern in ("model_*_best.pth", "model_*_last.pth", "*.pth"):
-        found = sorted(folder.glob(pattern))
-        if found:
-            return found[-1]
-    raise EvalError(f"--checkpoint: no *.pth checkpoint in {folder}")
-
 
 def select_items(project, split_file: str | Path | None) -> list[data.Item]:
     """All items of the project, or those a split file (e.g. ``<run>/info/val_set.json``) lists."""
@@ -407,7 +392,10 @@ def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str 
         raise EvalError(f"--overlap must be in [0, 1), got {overlap}")
     if boundary_width < 1 or worst < 0 or speed_batch < 1:
         raise EvalError("--boundary-width and --speed-batch must be >= 1, --worst >= 0")
-    checkpoint = resolve_checkpoint(checkpoint)
+    try:
+        checkpoint = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as e:
+        raise EvalError(f"--checkpoint: {e}") from None
     if not isinstance(device, torch.device):
         try:
             device = select_device(device)

@@ -47,13 +47,15 @@ def read_run_info(checkpoint: str | Path) -> tuple[dict, list[sly.ObjClass]]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A ``.pth`` as given, or for a run folder its newest best checkpoint (else last, else newest)."""
+    """A ``.pth`` as given, or for a run folder (or its ``checkpoints/``) the newest best checkpoint,
+    else the last, else the newest."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint or run folder")
-    candidates = sorted((path / "checkpoints").glob("model_*.pth"))
+        raise FileNotFoundError(f"{path} not found (no such checkpoint or run folder)")
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path  # a run or its checkpoints/
+    candidates = sorted(folder.glob("model_*.pth"))
     for suffix in ("_best.pth", "_last.pth", ".pth"):
         chosen = [c for c in candidates if c.name.endswith(suffix)]
         if chosen:

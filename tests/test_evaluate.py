@@ -231,7 +231,7 @@ def test_split_file_selects_items_and_bad_input_names_the_flag(oracle_project, t
     fails("--split-file: .*not found", split_file=tmp_path / "missing.json")
     fails("--mode: unknown inference mode 'tiles'", mode="tiles")
     fails("--checkpoint: .*missing.pth not found", checkpoint=tmp_path / "missing.pth")
-    fails("--checkpoint: no \\*.pth checkpoint", checkpoint=tmp_path / "eval")
+    fails("--checkpoint: .*eval: no checkpoints/model_\\*.pth", checkpoint=tmp_path / "eval")
     fails("project folder .*nowhere does not exist", project=tmp_path / "nowhere")
 
 
