@@ -119,7 +119,7 @@ def test_predictors_on_both_runtimes_give_the_same_masks(onnx_run, tmp_path):
 
 
 def test_export_names_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope: no such checkpoint or run folder"):
+    with pytest.raises(FileNotFoundError, match="nope not found \\(no such checkpoint or run folder\\)"):
         export_onnx(tmp_path / "nope")
     checkpoint = make_run(tmp_path / "run")
     (tmp_path / "run" / "info" / "ui_state.json").unlink()
