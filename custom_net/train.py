@@ -44,17 +44,18 @@ from custom_net.visualize import preview_panel, save_charts, save_png
 BEST_METRICS = ("mean_fg_iou", "mean_iou", "mean_fg_dice", "mean_dice", "pixel_accuracy", "val_loss")
 SPLIT_METHODS = ("random", "datasets", "tags", "files")
 COLLAPSE_ROUNDS = 3  # validation rounds predicting one class before the run warns
+FEW_STEPS = 30  # fewer optimizer steps in a whole run than this rarely train a model: the run says so
 RESUME_STATE = "resume_state.pt"  # not *.pth: model_*.pth files must stay plain state dicts
 
 # --preset original: the original app's recipe, to compare with or to repeat its runs. Its one
 # quirk is kept too: the epoch schedule stepped before each epoch, so every decay came an epoch early.
 ORIGINAL_PRESET = dict(optimizer="Adam", lr=1e-3, weight_decay=1e-4, lr_schedule="StepLR", step_size=5, gamma_step=0.1,
                        loss="jaccard_nll", jaccard_weight=0.5, class_weights=None, sly_augs_path="", epochs=10,
-                       scheduler_order="before", init="original", best_metric="val_loss")
+                       scheduler_order="before", init="original", best_metric="val_loss", clip_grad_norm=0.0)
 
 # --demo: small enough to train on a laptop CPU in a few minutes.
 DEMO_DEFAULTS = dict(model="UNet", encoder_weights="none", epochs=20, input_height=128, input_width=160,
-                     batch_size=4, lr=3e-3, output="results/demo")
+                     batch_size=4, output="results/demo")
 
 logger = logging.getLogger("custom_net")
 
@@ -95,6 +96,13 @@ def _positive_float(text):
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -142,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=_positive_int, default=20)
     g.add_argument("--batch-size", type=_positive_int, default=8,
                    help="per process, i.e. per GPU: under torchrun the global batch is this times the number of processes")
-    g.add_argument("--loss", choices=list(LOSSES), default="ce_dice", help="ce_dice = cross-entropy + soft Dice; jaccard_nll = the original (1-w)*NLL - w*log(soft Jaccard)")
+    g.add_argument("--loss", choices=list(LOSSES), default="jaccard_nll", help="ce_dice = cross-entropy + soft Dice; jaccard_nll = the original (1-w)*NLL - w*log(soft Jaccard)")
     g.add_argument("--jaccard-weight", type=_fraction, default=0.5, help="w in the loss (Jaccard or Dice share)")
     g.add_argument("--class-weights", nargs="+", type=float, metavar="W", help="per-class loss weights, __bg__ first")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, initial weights, order and augmentations")
@@ -153,10 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="Adam")
-    g.add_argument("--lr", type=_positive_float, default=1e-3)
+    g.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD only")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="SGD only")
+    g.add_argument("--clip-grad-norm", type=_non_negative_float, default=1.0, metavar="MAX",
+                   help="rescale gradients whose total norm exceeds MAX (0 = off)")
 
     g = p.add_argument_group("learning-rate schedule")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine", help="cosine = linear warmup then cosine decay, per iteration")
@@ -539,6 +549,12 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
                     "model": args.model, "output_dir": str(output), "world_size": dist_ctx.world_size,
                     "pid": os.getpid()})
 
+    steps = args.epochs * len(train_loader)
+    if steps < FEW_STEPS and not resuming and dist_ctx.is_main:
+        report("warning", f"this run makes only {steps} optimizer steps ({len(train_set)} training items at batch "
+                          f"{args.batch_size}, {args.epochs} epochs); a model rarely learns in fewer than "
+                          f"{FEW_STEPS}: raise --epochs to {-(-FEW_STEPS // len(train_loader))} or more")
+
     epoch, status = start_epoch - 1, "finished"
     with _stop_on_sigterm(reporter):
         try:
@@ -561,7 +577,7 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
                 train_loss = train_one_epoch(step_model, criterion, optimizer, train_loader, device, epoch=epoch,
                                              scheduler=scheduler if per_iteration else None, scaler=scaler,
                                              amp_dtype=amp_dtype, memory_format=memory_format, on_step=on_step,
-                                             on_skip=skipped.append)
+                                             on_skip=skipped.append, clip_grad_norm=args.clip_grad_norm)
                 train_loss = dist_ctx.mean(train_loss)  # ranks' shares are equal-sized
                 if scheduler is not None and not per_iteration and args.scheduler_order == "after":
                     scheduler.step()
@@ -632,12 +648,15 @@ def _collapse_warning(history: list[dict], last_epoch: bool) -> bool:
 
 def _collapse_advice(args, class_name: str) -> str:
     tips = []
-    if args.loss != "ce_dice":
-        tips.append("--loss ce_dice (its Dice term resists a dominant class)")
+    if args.loss != "jaccard_nll" or not args.jaccard_weight:
+        tips.append("--loss jaccard_nll --jaccard-weight 0.5 (its log-Jaccard term pulls hardest on a class the "
+                    "model misses)")
     if args.init != "he":
         tips.append("--init he")
     tips.append("--class-weights to weigh rare classes up" if not args.class_weights else "larger --class-weights")
-    tips.append(f"a lower --lr than {args.lr:g}" if args.lr >= 3e-3 else "more --epochs")
+    tips.append(f"more --epochs, or another --lr than {args.lr:g}")
+    if not args.clip_grad_norm:
+        tips.append("--clip-grad-norm 1 (if the training loss jumps)")
     if not args.sly_augs_path:
         tips.append("an augmentation template (--sly-augs-path)")
     return (f"the model predicts {class_name!r} almost everywhere on validation: it has collapsed to one class. "

@@ -142,8 +142,11 @@ def forward_batch(model, images, masks, device, amp_dtype=None, memory_format=to
 
 
 def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, scheduler=None, scaler=None,
-                    amp_dtype=None, memory_format=torch.contiguous_format, on_step=None, on_skip=None) -> float:
+                    amp_dtype=None, memory_format=torch.contiguous_format, on_step=None, on_skip=None,
+                    clip_grad_norm: float = 0.0) -> float:
     """One pass over ``loader``; returns the mean training loss.
+
+    ``clip_grad_norm`` > 0 rescales the gradients whose total norm exceeds it before each step.
 
     ``scheduler`` is stepped after every optimizer step (per-iteration schedules only).
     ``on_step(iteration, loss, lr)`` is called after each step and may raise StopRequested.
@@ -161,6 +164,9 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            if clip_grad_norm:
+                scaler.unscale_(optimizer)  # clip the true gradients; the scaler still skips inf/NaN ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
@@ -169,10 +175,13 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, 
         else:
             loss.backward()
             # A finite loss can still give inf/NaN gradients; one step with them ruins every weight.
-            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
             if not torch.isfinite(norm):
                 raise NonFiniteLoss(f"gradient became {norm.item()} at epoch {epoch}, iteration {i + 1} "
                                     "(the loss was finite); try a lower --lr or --amp off")
+            if clip_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip_grad_norm, norm)
             optimizer.step()
         lr = current_lr(optimizer)
         if scheduler is not None:

@@ -148,6 +148,7 @@ def test_recipe_fills_the_fields_it_decides(app):
     app.post("s06_preset/value_changed", s06_preset={"value": "original"}, s06_input_height={"value": "96"})
     state = app.state()
     assert state["s06_epochs"]["value"] == "10" and state["s06_lr"]["value"] == "0.001"
+    assert state["s06_clip_grad_norm"]["value"] == "0.0"
     assert (state["s06_loss"]["value"], state["s06_lr_schedule"]["value"], state["s06_scheduler_order"]["value"],
             state["s06_init"]["value"], state["s06_best_metric"]["value"]) == ("jaccard_nll", "StepLR", "before",
                                                                               "original", "val_loss")
@@ -155,7 +156,8 @@ def test_recipe_fills_the_fields_it_decides(app):
     app.post("s06_preset/value_changed", s06_preset={"value": "default"})
     state = app.state()
     assert (state["s06_epochs"]["value"], state["s06_loss"]["value"], state["s06_lr_schedule"]["value"],
-            state["s06_init"]["value"]) == ("20", "ce_dice", "cosine", "he")
+            state["s06_init"]["value"]) == ("20", "jaccard_nll", "cosine", "he")
+    assert (state["s06_lr"]["value"], state["s06_clip_grad_norm"]["value"]) == ("0.003", "1.0")
 
 
 def test_full_run_to_the_end(app):

@@ -18,7 +18,7 @@ from custom_net import sly_seg_dataset as data
 from custom_net.model import build_model, model_list
 from custom_net.preprocessing import resize_image, resize_mask
 from custom_net.reporting import Reporter
-from custom_net.train import COLLAPSE_ROUNDS, ORIGINAL_PRESET, _collapse_warning, main, parse_args
+from custom_net.train import COLLAPSE_ROUNDS, FEW_STEPS, ORIGINAL_PRESET, _collapse_warning, main, parse_args
 from custom_net.utils import forward_batch, resolve_num_workers, train_one_epoch
 from custom_net.validation import ConfusionMatrix, collapsed_class
 
@@ -114,8 +114,8 @@ def test_preset_original_is_the_original_recipe():
     # Flags given explicitly still win over the preset.
     assert parse_args(["--demo", "--preset", "original", "--epochs", "3", "--lr", "0.01"]).epochs == 3
     defaults = parse_args(["--demo"])
-    assert (defaults.loss, defaults.lr_schedule, defaults.scheduler_order, defaults.init) == \
-           ("ce_dice", "cosine", "after", "he")
+    assert (defaults.loss, defaults.lr_schedule, defaults.scheduler_order, defaults.init, defaults.clip_grad_norm) == \
+           ("jaccard_nll", "cosine", "after", "he", 1.0)
 
 
 @pytest.mark.parametrize("order, expected", [("after", [1e-3, 1e-4, 1e-5]), ("before", [1e-4, 1e-5, 1e-6])])
@@ -151,6 +151,16 @@ def test_collapse_warning_once_after_several_rounds():
     assert _collapse_warning(history([True]), last_epoch=True)  # a short run ending collapsed
 
 
+def test_short_run_warns_how_many_epochs_it_needs(tiny_project, tmp_path):
+    reporter = Messages()
+    main(TINY_TRAIN_ARGS + ["--project-dir", str(tiny_project), "--epochs", "1", "--output", str(tmp_path / "run")],
+         reporter=reporter)
+    warnings = [text for level, text in reporter.messages if level == "warning" and "optimizer steps" in text]
+    assert len(warnings) == 1
+    steps = int(warnings[0].split("only ")[1].split()[0])
+    assert 0 < steps < FEW_STEPS and f"--epochs to {-(-FEW_STEPS // steps)}" in warnings[0]
+
+
 def test_collapsed_run_warns_with_advice(tiny_project, tmp_path):
     """Class weights that all but ignore the objects drive the original recipe onto the background;
     the run says so and what to try."""
@@ -161,7 +171,9 @@ def test_collapsed_run_warns_with_advice(tiny_project, tmp_path):
     assert summary["final"]["collapsed_to"] == "__bg__"
     advice = [text for level, text in reporter.messages if level == "warning" and "collapsed" in text]
     assert len(advice) == 1
-    assert "--loss ce_dice" in advice[0] and "--init he" in advice[0] and "--class-weights" in advice[0]
+    # --jaccard-weight 0 switched the log-Jaccard term off; the original init and no clipping are the preset's.
+    for tip in ("--jaccard-weight 0.5", "--init he", "--class-weights", "--epochs", "--clip-grad-norm"):
+        assert tip in advice[0], tip
 
 
 # ---- the bench compares like with like ---------------------------------------------------
@@ -215,6 +227,34 @@ def test_fp16_scaler_skips_are_reported():
     train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, [batch], torch.device("cpu"), epoch=1,
                     scaler=scaler, on_skip=skipped.append)
     assert skipped == [1, 2]
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_gradient_clipping_bounds_the_step(fp16):
+    """SGD with lr 1 moves the weights by exactly the gradient: with clipping at 0.5 the whole step has
+    norm 0.5 however steep the loss; without it, the step is the raw gradient's size."""
+    batch = (torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8), torch.randint(0, 2, (2, 32, 32), dtype=torch.uint8))
+
+    def steep(logits, masks):
+        return 1e4 * torch.nn.functional.cross_entropy(logits.float(), masks)
+
+    steps = {}
+    for clip in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = build_model("UNet", 2, "none")
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if fp16 else None
+        train_one_epoch(model, steep, torch.optim.SGD(model.parameters(), lr=1.0), [batch], torch.device("cpu"),
+                        epoch=1, scaler=scaler, clip_grad_norm=clip)
+        steps[clip] = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
+    assert steps[0.5] == pytest.approx(0.5, rel=1e-3)
+    assert steps[0.0] > 100
+
+
+@pytest.mark.parametrize("text", ["-1", "nan"])
+def test_clip_grad_norm_flag_refuses_bad_values(text):
+    with pytest.raises(ValueError, match="--clip-grad-norm"):
+        parse_args(["--demo", "--clip-grad-norm", text])
 
 
 @pytest.mark.parametrize("channels", [1, 3, 7])

@@ -15,7 +15,7 @@ SECTIONS = [
     ("Recipe", ["preset"]),
     ("Input size", ["input_height", "input_width"]),
     ("Training", ["epochs", "batch_size", "loss", "jaccard_weight", "class_weights", "seed", "init"]),
-    ("Optimizer", ["optimizer", "lr", "momentum", "weight_decay", "nesterov"]),
+    ("Optimizer", ["optimizer", "lr", "momentum", "weight_decay", "nesterov", "clip_grad_norm"]),
     ("Learning-rate schedule", ["lr_schedule", "step_size", "gamma_step", "milestones", "gamma_exp",
                                 "warmup_epochs", "min_lr", "scheduler_order"]),
     ("Validation and checkpoints", ["val_interval", "best_metric", "checkpoint_interval", "max_keep_ckpts",
