@@ -11,7 +11,7 @@ import supervisely as sly
 import torch
 import torch.nn.functional as F
 
-from custom_net.model import build_model
+from custom_net.model import build_model, fold_batchnorm
 from custom_net.preprocessing import normalize_batch, resize_image
 
 INFERENCE_MODES = ("whole", "sliding")
@@ -63,10 +63,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no checkpoints/model_*.pth in this run folder")
 
 
-def load_trained_model(checkpoint: str | Path, device=torch.device("cpu")) -> TrainedModel:
+def load_trained_model(checkpoint: str | Path, device=torch.device("cpu"), fold_bn: bool = True) -> TrainedModel:
     """Build the architecture named in the run folder and load the plain state dict strictly.
 
     Works for this project's runs and the original app's (same tree, same state-dict layout).
+    The model is for inference: in eval mode and, with ``fold_bn``, with its BatchNorm layers merged
+    into the convolutions before them (``fold_batchnorm``).
     """
     ui_state, model_classes = read_run_info(checkpoint)
     model = build_model(ui_state["selectedModel"], len(model_classes), "none")
@@ -77,6 +79,8 @@ def load_trained_model(checkpoint: str | Path, device=torch.device("cpu")) -> Tr
         raise ValueError(f"{checkpoint}: cannot load into {ui_state['selectedModel']} "
                          f"with {len(model_classes)} classes ({e})") from None
     model.to(device).eval()
+    if fold_bn:
+        model = fold_batchnorm(model)
     size = ui_state["imgSize"]
     return TrainedModel(model, ui_state["selectedModel"], model_classes, int(size["height"]), int(size["width"]),
                         Path(checkpoint))

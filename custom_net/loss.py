@@ -30,7 +30,8 @@ class JaccardNLLLoss(nn.Module):
 
 
 class CEDiceLoss(nn.Module):
-    """Cross-entropy plus (1 - mean soft Dice) over the classes present in the batch or predicted."""
+    """Cross-entropy plus (1 - soft Dice), the Dice averaged over all classes (smoothed by 1, so a class
+    absent from the batch scores near 1 when it is not predicted)."""
 
     def __init__(self, num_classes: int, dice_weight: float = 0.5, class_weights: torch.Tensor | None = None):
         super().__init__()

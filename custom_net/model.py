@@ -12,6 +12,7 @@ decoder output is resized to the skip's size.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -301,6 +302,55 @@ class LinkNet34(nn.Module):
         d = self.decoder1(d)
         out = self.finalrelu2(self.finalconv2(self.finalrelu1(self.finaldeconv1(d))))
         return _match(self.finalconv3(out), x)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, sample_size: int = 64) -> nn.Module:
+    """For inference: an eval-mode copy of ``model`` in which every BatchNorm that directly follows a
+    convolution is merged into that convolution's weights and replaced by Identity. The same function,
+    minus one memory-bound pass per BatchNorm. Pairs are found by tracing one forward pass; the copy is
+    checked against the original on that input, and ``model`` itself is returned if they disagree.
+    Its state dict has another layout: save checkpoints from the training model, never from this."""
+    model = model.eval()
+    folded = copy.deepcopy(model)
+    produced, pairs, hooks = {}, [], []
+    for module in folded.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.groups == 1:
+            hooks.append(module.register_forward_hook(lambda m, i, o: produced.__setitem__(id(o), (o, m))))
+        elif isinstance(module, nn.BatchNorm2d) and module.track_running_stats:
+            hooks.append(module.register_forward_hook(lambda m, i, o: pairs.append((produced.get(id(i[0])), m))))
+    device = next(model.parameters()).device
+    sample = torch.randn(1, 3, sample_size, sample_size, generator=torch.Generator().manual_seed(0)).to(device)
+    expected = folded(sample)
+    for hook in hooks:
+        hook.remove()
+    if not pairs:
+        return model
+    convs = [entry[1] for entry, _ in pairs if entry is not None]
+    bns = [bn for _, bn in pairs]
+    for entry, bn in pairs:
+        # A module run twice in one pass (shared weights) cannot be folded for one of its uses only.
+        if entry is None or convs.count(entry[1]) > 1 or bns.count(bn) > 1:
+            continue
+        _merge(entry[1], bn)
+        for parent in folded.modules():  # the ResNet models register encoder layers under two names
+            for name, child in list(parent.named_children()):
+                if child is bn:
+                    setattr(parent, name, nn.Identity())
+    if not torch.allclose(folded(sample), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()):
+        return model
+    return folded
+
+
+def _merge(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+    out_dim = 1 if isinstance(conv, nn.ConvTranspose2d) else 0  # ConvTranspose2d weights are (in, out, kh, kw)
+    shape = [1] * conv.weight.dim()
+    shape[out_dim] = -1
+    conv.weight.mul_(scale.view(shape))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+    conv.bias = nn.Parameter(bias * scale + shift)
 
 
 # The architecture registry: the CLI choices, the dashboard's model table and the tests all read it.

@@ -185,6 +185,16 @@ def _bench_module():
     return module
 
 
+def test_bench_quality_guard_row_averages_seeds():
+    bench = _bench_module()
+    quality = {"seeds": [0, 1], "difference": 0.02, "peak_rss_mb": 1.0,
+               "ours": {"mean_fg_iou": 0.61, "per_seed": [0.6, 0.62], "seed_stdev": 0.014, "seconds": 5.0},
+               "baseline": {"mean_fg_iou": 0.59, "per_seed": [0.58, 0.60], "seed_stdev": 0.014, "seconds": 9.0}}
+    text = bench.table({"quality": quality})
+    assert "mean of 2 seed(s) | 0.6100 (5 s/run) | 0.5900 (9 s/run) | Δ 0.0200 | < 0.01 ❌" in text
+    assert "0.600, 0.620 (stdev 0.014)" in text and "0.580, 0.600 (stdev 0.014)" in text
+
+
 def test_bench_naive_loader_reads_the_same_masks(prepared, tmp_path, monkeypatch):
     import cv2
     bench = _bench_module()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from custom_net.model import EncoderWeightsMissing, UnknownModelError, build_model, model_list
+from custom_net.model import EncoderWeightsMissing, UnknownModelError, build_model, fold_batchnorm, model_list
 from tests.conftest import shared_path
 
 ARCHITECTURES = sorted(model_list)
@@ -125,3 +125,28 @@ def test_unknown_model_lists_choices():
     with pytest.raises(UnknownModelError) as err:
         build_model("UNet99", num_classes=2)
     assert all(name in str(err.value) for name in model_list)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_folded_batchnorm_computes_the_same_function(name):
+    """Running statistics far from (0, 1) make a wrong fold visible; the original model stays as it was."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.2, 3)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    keys = list(model.state_dict())
+    folded = fold_batchnorm(model)
+    x = torch.randn(2, 3, 96, 128)
+    with torch.inference_mode():
+        expected, got = model(x), folded(x)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert list(model.state_dict()) == keys  # the training layout is untouched
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert left == 0
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        assert folded is not model
