@@ -164,18 +164,21 @@ def train_setup(name: str, device, fast: bool, compile_model: bool):
     import torch
     from custom_net.loss import build_loss
     from custom_net.model import build_model
+    from custom_net.train import parse_args
     from custom_net.utils import build_optimizer, resolve_amp
 
+    recipe = parse_args(["--project-dir", "."])  # the engine's default recipe, on both sides
     torch.manual_seed(0)
     model = build_model(name, 3, "none")
     memory_format = torch.channels_last if fast else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     amp_dtype = resolve_amp("auto" if fast else "off", device)
-    criterion = build_loss("ce_dice", 3, 0.5).to(device)
-    optimizer = build_optimizer("Adam", model.parameters(), 1e-3, 0.9, 0.0, False)
+    criterion = build_loss(recipe.loss, 3, recipe.jaccard_weight).to(device)
+    optimizer = build_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum, recipe.weight_decay,
+                                recipe.nesterov)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     forward_model = torch.compile(model) if compile_model else model
-    return forward_model, criterion, optimizer, scaler, amp_dtype, memory_format
+    return forward_model, criterion, optimizer, scaler, amp_dtype, memory_format, recipe.clip_grad_norm
 
 
 def bench_train(args) -> dict:
@@ -197,11 +200,12 @@ def bench_train(args) -> dict:
     for name in args.models or list(model_list):
         row = {}
         for variant, fast in (("baseline", False), ("ours", True)):
-            model, criterion, optimizer, scaler, amp_dtype, memory_format = train_setup(name, device, fast, args.compile and fast)
+            model, criterion, optimizer, scaler, amp_dtype, memory_format, clip = train_setup(
+                name, device, fast, args.compile and fast)
 
             def step():
                 train_one_epoch(model, criterion, optimizer, loader, device, epoch=1, scaler=scaler,
-                                amp_dtype=amp_dtype, memory_format=memory_format)
+                                amp_dtype=amp_dtype, memory_format=memory_format, clip_grad_norm=clip)
             seconds = timed(step, repeats, device)
             with FlopCounterMode(display=False) as counter:
                 step()
