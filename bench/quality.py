@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["demo", "lemons"], choices=("demo", "lemons", "membranes"))
     parser.add_argument("--models", nargs="+", default=list(model_list), choices=list(model_list))
     parser.add_argument("--epochs", type=int, help="one budget for every dataset (default: per dataset, see above)")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
+                        help="e.g. only 'defaults' after a change that leaves --preset original as it was")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -74,16 +76,19 @@ def main() -> None:
             epochs = args.epochs or DEFAULT_EPOCHS[name]
             for model in args.models:
                 result = {recipe: run(project, flags, model, recipe, epochs, Path(tmp) / f"{name}_{model}_{recipe}")
-                          for recipe in RECIPES}
-                d, o = result["defaults"], result["original"]
+                          for recipe in args.recipes}
+                d, o = result.get("defaults"), result.get("original")
 
-                def cell(r):
-                    return f"{r['iou']:.3f}" + (f" (only {r['collapsed']})" if r["collapsed"] else "")
-                row = (f"| {name} | {epochs} | {model} | {cell(d)} | {d['seconds']:.0f} s | {cell(o)} | {o['seconds']:.0f} s | "
-                       f"{'✅' if d['iou'] > o['iou'] and not d['collapsed'] else '❌'} |")
+                def cells(r):
+                    if r is None:
+                        return "not run | -"
+                    return f"{r['iou']:.3f}" + (f" (only {r['collapsed']})" if r["collapsed"] else "") + f" | {r['seconds']:.0f} s"
+                verdict = ("✅" if d["iou"] > o["iou"] and not d["collapsed"] else "❌") if d and o else "-"
+                row = f"| {name} | {epochs} | {model} | {cells(d)} | {cells(o)} | {verdict} |"
                 rows.append(row)
                 print(row, flush=True)
-    command = f"python bench/quality.py --datasets {' '.join(args.datasets)}" + (f" --epochs {args.epochs}" if args.epochs else "")
+    command = (f"python bench/quality.py --datasets {' '.join(args.datasets)}" + (f" --epochs {args.epochs}" if args.epochs else "")
+               + (f" --recipes {' '.join(args.recipes)}" if args.recipes != list(RECIPES) else ""))
     header = f"## Quality: from scratch, batch 8, seed 0 — {datetime.date.today().isoformat()}\n\n`{command}`\n\n"
     text = header + "\n".join(rows)
     print("\n" + text)

@@ -167,7 +167,7 @@ def train_setup(name: str, device, fast: bool, compile_model: bool):
     from custom_net.train import parse_args
     from custom_net.utils import build_optimizer, resolve_amp
 
-    recipe = parse_args(["--project-dir", "."])  # the engine's default recipe, on both sides
+    recipe = parse_args(["--project-dir", ".", "--model", name])  # the engine's default recipe, on both sides
     torch.manual_seed(0)
     model = build_model(name, 3, "none")
     memory_format = torch.channels_last if fast else torch.contiguous_format

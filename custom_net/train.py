@@ -37,7 +37,7 @@ from custom_net.reporting import ConsoleReporter, JsonLinesReporter, Reporter
 from custom_net.utils import (AMP_MODES, LR_SCHEDULES, OPTIMIZERS, CheckpointSaver, NonFiniteLoss, StopRequested,
                               StorageError, atomic_torch_save, atomic_write_json, atomic_write_text, build_optimizer,
                               build_scheduler, current_lr, resolve_amp, resolve_num_workers, seed_everything,
-                              train_one_epoch)
+                              set_bn_momentum, train_one_epoch)
 from custom_net.validation import evaluate
 from custom_net.visualize import preview_panel, save_charts, save_png
 
@@ -45,13 +45,15 @@ BEST_METRICS = ("mean_fg_iou", "mean_iou", "mean_fg_dice", "mean_dice", "pixel_a
 SPLIT_METHODS = ("random", "datasets", "tags", "files")
 COLLAPSE_ROUNDS = 3  # validation rounds predicting one class before the run warns
 FEW_STEPS = 30  # fewer optimizer steps in a whole run than this rarely train a model: the run says so
+WARMUP_SHARE = 0.3  # default cosine warmup, as a share of the run (bench/RESULTS.md: AlbuNet needs a long one)
 RESUME_STATE = "resume_state.pt"  # not *.pth: model_*.pth files must stay plain state dicts
 
 # --preset original: the original app's recipe, to compare with or to repeat its runs. Its one
 # quirk is kept too: the epoch schedule stepped before each epoch, so every decay came an epoch early.
 ORIGINAL_PRESET = dict(optimizer="Adam", lr=1e-3, weight_decay=1e-4, lr_schedule="StepLR", step_size=5, gamma_step=0.1,
                        loss="jaccard_nll", jaccard_weight=0.5, class_weights=None, sly_augs_path="", epochs=10,
-                       scheduler_order="before", init="original", best_metric="val_loss", clip_grad_norm=0.0)
+                       scheduler_order="before", init="original", best_metric="val_loss", clip_grad_norm=0.0,
+                       bn_momentum=0.1)
 
 # --demo: small enough to train on a laptop CPU in a few minutes.
 DEMO_DEFAULTS = dict(model="UNet", encoder_weights="none", epochs=20, input_height=128, input_width=160,
@@ -60,8 +62,20 @@ DEMO_DEFAULTS = dict(model="UNet", encoder_weights="none", epochs=20, input_heig
 logger = logging.getLogger("custom_net")
 
 
+def _default_lrs() -> str:
+    """'3e-3; AlbuNet 1e-3': the most common default lr, then the architectures that differ."""
+    lrs = [spec["lr"] for spec in model_list.values()]
+    common = max(set(lrs), key=lrs.count)
+    return "; ".join([f"{common:g}"] + [f"{name} {spec['lr']:g}" for name, spec in model_list.items() if spec["lr"] != common])
+
+
 class ArgsError(ValueError):
     """Bad command-line or train_args.json input; the message names the flag or file."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" says nothing: such flags describe their default
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,6 +120,15 @@ def _non_negative_float(text):
     return value
 
 
+def _bn_momentum(text):
+    if text == "auto":
+        return text
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or in (0, 1], got {text}")
+    return value
+
+
 def _fraction(text):
     value = float(text)
     if not 0 <= value <= 1:
@@ -115,7 +138,7 @@ def _fraction(text):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="custom_net/train.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_HelpFormatter)
     g = p.add_argument_group("input")
     g.add_argument("--project-dir", help="Supervisely-format project folder")
     g.add_argument("--demo", action="store_true", help="build a synthetic demo project and train on it with CPU-sized defaults")
@@ -144,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageNet encoder weights: 'imagenet' (torch cache), a file path, 'none', or 'auto' (imagenet if cached, else none)")
     g.add_argument("--init", choices=INIT_SCHEMES, default="he",
                    help="initialisation of layers not loaded from ImageNet: he, or original (each layer's default)")
+    g.add_argument("--bn-momentum", type=_bn_momentum, default="auto",
+                   help="BatchNorm running-statistics momentum; auto = 1 / iterations per epoch, at least 0.1 "
+                        "(PyTorch's), so the statistics validation uses cover about the last epoch")
     g.add_argument("--custom-weights", default="", metavar="PTH", help="start from this state dict (e.g. a model_*.pth of an earlier run)")
 
     g = p.add_argument_group("training")
@@ -161,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="Adam")
-    g.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help="peak learning rate (default: the architecture's, " + _default_lrs() + ")")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD only")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="SGD only")
@@ -174,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma-step", type=float, default=0.1, help="StepLR / MultiStepLR factor")
     g.add_argument("--milestones", type=_positive_int, nargs="+", default=[5, 10, 15], help="MultiStepLR epochs")
     g.add_argument("--gamma-exp", type=float, default=0.9, help="ExponentialLR factor per epoch")
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="cosine: linear warmup length in epochs")
+    g.add_argument("--warmup-epochs", type=_non_negative_float, default=None,
+                   help=f"cosine: linear warmup length in epochs (default: {WARMUP_SHARE:.0%} of --epochs)")
     g.add_argument("--min-lr", type=float, default=1e-6, help="cosine: final learning rate")
     g.add_argument("--scheduler-order", choices=("after", "before"), default="after",
                    help="epoch schedules: step after each epoch, or before it as the original app did")
@@ -268,6 +296,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ArgsError("--split files needs --train-set and --val-set")
     if args.checkpoint_interval < 0:
         raise ArgsError("--checkpoint-interval must be >= 0")
+    if args.lr is None:
+        args.lr = model_list[args.model]["lr"]
+    if args.warmup_epochs is None:
+        args.warmup_epochs = round(WARMUP_SHARE * args.epochs, 3)
     return args
 
 
@@ -489,6 +521,7 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **loader_kwargs)
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=dist_ctx.shard_sampler(len(val_set)), **loader_kwargs)
     scheduler, per_iteration = build_scheduler(args, optimizer, len(train_loader))
+    set_bn_momentum(model, args.bn_momentum, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     # ---- the artifact tree

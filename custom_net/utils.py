@@ -127,6 +127,21 @@ def build_scheduler(args, optimizer, iters_per_epoch: int):
     raise ValueError(f"unknown --lr-schedule {name!r}; choose from {', '.join(LR_SCHEDULES)}")
 
 
+def set_bn_momentum(model: torch.nn.Module, spec, iters_per_epoch: int) -> float:
+    """Sets (and returns) the running-statistics momentum of every BatchNorm layer.
+
+    'auto' = 1 / iterations per epoch, at least PyTorch's 0.1. With few iterations per epoch the weights
+    move far between updates, and at 0.1 the statistics validation uses would average models of several
+    epochs ago: on a 5-image project (one iteration per epoch) AlbuNet validated at 0 IoU for 27 of 40
+    epochs while its training loss had long converged.
+    """
+    momentum = max(0.1, 1 / max(1, iters_per_epoch)) if spec == "auto" else float(spec)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+    return momentum
+
+
 def current_lr(optimizer) -> float:
     return optimizer.param_groups[0]["lr"]
 

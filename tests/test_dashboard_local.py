@@ -160,6 +160,21 @@ def test_recipe_fills_the_fields_it_decides(app):
     assert (state["s06_lr"]["value"], state["s06_clip_grad_norm"]["value"]) == ("0.003", "1.0")
 
 
+def test_default_lr_follows_the_model(app):
+    """Step 05's architecture sets step 06's learning rate (AlbuNet trains at 1e-3 by default), unless the
+    user typed one."""
+    def choose(model, **state_patch):
+        app.click("s05_restart", **state_patch)
+        app.click("s05_apply", s05_model={"selectedRow": list(model_list).index(model)}, s05_weights={"value": "none"})
+        assert app.status(5)[0] == "success"
+        return app.state()["s06_lr"]["value"]
+
+    assert choose("AlbuNet") == "0.001"
+    assert choose("LinkNet34") == "0.003"
+    assert choose("AlbuNet", s06_lr={"value": "0.0005"}) == "0.0005"
+    assert choose("UNet", s06_lr={"value": ""}) == "0.003"  # an emptied field gets the default back
+
+
 def test_full_run_to_the_end(app):
     state = app.state()
     assert state["s06_eval"]["value"] is True and state["s06_speed_test"]["value"] is True  # on by default

@@ -14,7 +14,7 @@ from train_app.wizard import Step
 SECTIONS = [
     ("Recipe", ["preset"]),
     ("Input size", ["input_height", "input_width"]),
-    ("Training", ["epochs", "batch_size", "loss", "jaccard_weight", "class_weights", "seed", "init"]),
+    ("Training", ["epochs", "batch_size", "loss", "jaccard_weight", "class_weights", "seed", "init", "bn_momentum"]),
     ("Optimizer", ["optimizer", "lr", "momentum", "weight_decay", "nesterov", "clip_grad_norm"]),
     ("Learning-rate schedule", ["lr_schedule", "step_size", "gamma_step", "milestones", "gamma_exp",
                                 "warmup_epochs", "min_lr", "scheduler_order"]),
@@ -54,9 +54,10 @@ def _as_text(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else ("" if value is None else str(value))
 
 
-def recipe_values(preset: str) -> dict:
-    """Every option's value under a recipe, as the engine resolves ``--preset``."""
-    return vars(parse_args(["--project-dir", ".", "--preset", preset]))
+def recipe_values(preset: str, model: str) -> dict:
+    """Every option's value under a recipe for an architecture, as the engine resolves ``--preset``
+    (the default learning rate depends on the architecture)."""
+    return vars(parse_args(["--project-dir", ".", "--preset", preset, "--model", model]))
 
 
 class HyperparametersStep(Step):
@@ -79,6 +80,7 @@ class HyperparametersStep(Step):
             sections.append(Card(title, content=Container(fields), collapsable=True,
                                  widget_id=self.wid(f"section_{len(sections)}")))
         self.inputs["preset"].value_changed(self._use_recipe)
+        self._filled_lr = ""  # the lr text a recipe last put in the field: replaced while the user keeps it
         self.experiment = Input("unet", widget_id=self.wid("experiment"))
         self.apply = Button("Check and use these settings", widget_id=self.wid("apply"))
         self.controls = [*self.inputs.values(), self.experiment, self.apply]
@@ -108,13 +110,23 @@ class HyperparametersStep(Step):
         else:
             widget.set_value(value if isinstance(widget, Select) else _as_text(value))
 
+    def _model(self) -> str:
+        return self.session.settings().get("model") or build_parser().get_default("model")
+
     def _use_recipe(self, preset):
         if self.done or self.card.is_locked() or preset not in RECIPES:
             return
-        values = recipe_values(preset)
+        values = recipe_values(preset, self._model())
         for dest in ORIGINAL_PRESET:  # the fields a recipe decides
             if dest in self.inputs:
                 self._show(dest, values[dest])
+        self._filled_lr = _as_text(values["lr"])
+
+    def on_unlock(self):
+        """Step 05 chose the architecture: show its default learning rate, unless the user typed another."""
+        if self.inputs["lr"].get_value().strip() in ("", self._filled_lr):
+            self._filled_lr = _as_text(recipe_values(self.inputs["preset"].get_value(), self._model())["lr"])
+            self._show("lr", self._filled_lr)
 
     def _check(self, dest):
         """(value, None) or (None, message) for one field."""
