@@ -86,15 +86,32 @@ def load_trained_model(checkpoint: str | Path, device=torch.device("cpu"), fold_
                         Path(checkpoint))
 
 
+def prepare_fast_model(model: torch.nn.Module, device, amp_dtype=None) -> torch.nn.Module:
+    """The serving form of a loaded model: channels_last on the CPU or with mixed precision, and its
+    weights stored in ``amp_dtype`` once (autocast would cast every weight again on every call)."""
+    if device.type == "cpu" or amp_dtype is not None:
+        model.to(memory_format=torch.channels_last)  # matches the channels_last inputs of predict_probabilities
+    if amp_dtype is not None:
+        model.to(amp_dtype)
+    return model
+
+
 @torch.inference_mode()
 def predict_probabilities(model, images: np.ndarray | torch.Tensor, device, amp_dtype=None) -> torch.Tensor:
-    """Softmax probabilities (N, C, H, W) float32 for a uint8 batch (N, H, W, 3) at the model's input size."""
+    """Softmax probabilities (N, C, H, W) float32 for a uint8 batch (N, H, W, 3) at the model's input size.
+
+    With ``amp_dtype`` a float32 model runs under autocast; one already in that dtype
+    (``prepare_fast_model``) takes inputs of that dtype instead."""
     model.eval()
     batch = torch.as_tensor(images).to(device, non_blocking=True)
     inputs = normalize_batch(batch)
     if device.type == "cpu" or amp_dtype is not None:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    first_weight = next(model.parameters(), None)
+    cast_once = amp_dtype is not None and first_weight is not None and first_weight.dtype == amp_dtype
+    if cast_once:
+        inputs = inputs.to(amp_dtype)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and not cast_once):
         logits = model(inputs)
     return logits.float().softmax(dim=1)
 

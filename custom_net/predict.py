@@ -23,7 +23,7 @@ import torch
 
 from custom_net.export import RUNTIMES, OnnxRuntimeModel, export_onnx
 from custom_net.inference import (INFERENCE_MODES, TrainedModel, convert_prediction_to_sly_format, load_trained_model,
-                                  predict_masks, resolve_checkpoint)
+                                  predict_masks, prepare_fast_model, resolve_checkpoint)
 from custom_net.preprocessing import ImageReadError, read_image_rgb
 from custom_net.utils import AMP_MODES, resolve_amp, select_device
 from custom_net.visualize import overlay, save_png
@@ -67,9 +67,7 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", runtime: str = 
         path = export_onnx(checkpoint, onnx_path)
         return Predictor(trained, OnnxRuntimeModel(path, torch_device), torch_device, None, runtime)
     amp_dtype = resolve_amp(amp, torch_device)
-    if torch_device.type == "cpu" or amp_dtype is not None:
-        trained.model.to(memory_format=torch.channels_last)  # matches the channels_last inputs of predict_probabilities
-    return Predictor(trained, trained.model, torch_device, amp_dtype, runtime)
+    return Predictor(trained, prepare_fast_model(trained.model, torch_device, amp_dtype), torch_device, amp_dtype, runtime)
 
 
 def list_images(path: Path) -> list[Path]:

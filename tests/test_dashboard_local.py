@@ -284,7 +284,7 @@ def _non_default(action):
         return not action.default
     return {"input_height": 96, "input_width": 128, "class_weights": [0.5, 1.0, 2.0], "milestones": [3, 7],
             "gpu_id": "cpu", "num_workers": 1, "lr": 0.005, "min_lr": 1e-5, "jaccard_weight": 0.25, "max_keep_ckpts": 3,
-            "warmup_epochs": 2.0}.get(action.dest, (action.default or 0) + 1 if isinstance(action.default, (int, float))
+            "warmup_epochs": 2.0, "bn_momentum": 0.5}.get(action.dest, (action.default or 0) + 1 if isinstance(action.default, (int, float))
                                       and not isinstance(action.default, bool) else None)
 
 

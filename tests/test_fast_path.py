@@ -4,6 +4,7 @@ Speed itself is measured in bench/, never here.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -15,7 +16,8 @@ from torch.utils.data import default_collate
 
 from tests.conftest import TINY_TRAIN_ARGS
 from custom_net import sly_seg_dataset as data
-from custom_net.model import build_model, model_list
+from custom_net.inference import predict_probabilities, prepare_fast_model
+from custom_net.model import build_model, fold_batchnorm, model_list
 from custom_net.preprocessing import resize_image, resize_mask
 from custom_net.reporting import Reporter
 from custom_net.train import COLLAPSE_ROUNDS, FEW_STEPS, ORIGINAL_PRESET, _collapse_warning, main, parse_args
@@ -81,6 +83,22 @@ def test_bf16_channels_last_agrees_with_float32(name):
     # bf16 keeps 8 bits of mantissa: logits agree to a few percent of their spread, and so do the labels.
     assert (fast - plain).abs().mean() <= 0.03 * plain.std()
     assert (fast.argmax(1) == plain.argmax(1)).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("name", sorted(model_list))
+def test_weights_cast_once_predict_like_autocast(name):
+    """Serving stores the weights in bf16 once instead of autocasting every call: the same probabilities."""
+    torch.manual_seed(0)
+    model = fold_batchnorm(build_model(name, 3, "none").eval())
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    autocast = predict_probabilities(model, images, cpu, torch.bfloat16)
+    fast = prepare_fast_model(copy.deepcopy(model), cpu, torch.bfloat16)
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+    cast_once = predict_probabilities(fast, images, cpu, torch.bfloat16)
+    assert cast_once.dtype == torch.float32 and cast_once.shape == autocast.shape == (2, 3, 64, 64)
+    assert (cast_once - autocast).abs().max() < 0.05
+    assert (cast_once.argmax(1) == autocast.argmax(1)).float().mean() > 0.98
 
 
 def test_num_workers_auto():
