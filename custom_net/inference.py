@@ -87,8 +87,9 @@ def load_trained_model(checkpoint: str | Path, device=torch.device("cpu"), fold_
 
 
 def prepare_fast_model(model: torch.nn.Module, device, amp_dtype=None) -> torch.nn.Module:
-    """The serving form of a loaded model: channels_last on the CPU or with mixed precision, and its
-    weights stored in ``amp_dtype`` once (autocast would cast every weight again on every call)."""
+    """The serving form of a loaded model, converted in place: channels_last on the CPU or with mixed
+    precision, and its weights stored in ``amp_dtype`` once (autocast would cast every weight again on
+    every call)."""
     if device.type == "cpu" or amp_dtype is not None:
         model.to(memory_format=torch.channels_last)  # matches the channels_last inputs of predict_probabilities
     if amp_dtype is not None:
