@@ -108,8 +108,8 @@ def predict_probabilities(model, images: np.ndarray | torch.Tensor, device, amp_
     inputs = normalize_batch(batch)
     if device.type == "cpu" or amp_dtype is not None:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    first_weight = next(model.parameters(), None)
-    cast_once = amp_dtype is not None and first_weight is not None and first_weight.dtype == amp_dtype
+    first_weight = next(model.parameters(), None) if amp_dtype is not None else None  # (an ONNX session has none)
+    cast_once = first_weight is not None and first_weight.dtype == amp_dtype
     if cast_once:
         inputs = inputs.to(amp_dtype)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and not cast_once):
