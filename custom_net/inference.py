@@ -86,11 +86,16 @@ def load_trained_model(checkpoint: str | Path, device=torch.device("cpu"), fold_
                         Path(checkpoint))
 
 
+def _uses_channels_last(device, amp_dtype) -> bool:
+    """Where the fast path runs channels_last: on the CPU (oneDNN), and on a GPU with mixed precision."""
+    return device.type == "cpu" or amp_dtype is not None
+
+
 def prepare_fast_model(model: torch.nn.Module, device, amp_dtype=None) -> torch.nn.Module:
     """The serving form of a loaded model, converted in place: channels_last on the CPU or with mixed
     precision, and its weights stored in ``amp_dtype`` once (autocast would cast every weight again on
     every call)."""
-    if device.type == "cpu" or amp_dtype is not None:
+    if _uses_channels_last(device, amp_dtype):
         model.to(memory_format=torch.channels_last)  # matches the channels_last inputs of predict_probabilities
     if amp_dtype is not None:
         model.to(amp_dtype)
@@ -106,7 +111,7 @@ def predict_probabilities(model, images: np.ndarray | torch.Tensor, device, amp_
     model.eval()
     batch = torch.as_tensor(images).to(device, non_blocking=True)
     inputs = normalize_batch(batch)
-    if device.type == "cpu" or amp_dtype is not None:
+    if _uses_channels_last(device, amp_dtype):
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     first_weight = next(model.parameters(), None) if amp_dtype is not None else None  # (an ONNX session has none)
     cast_once = first_weight is not None and first_weight.dtype == amp_dtype
