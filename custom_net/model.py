@@ -355,19 +355,20 @@ def _merge(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
 
 # The architecture registry: the CLI choices, the dashboard's model table and the tests all read it.
 # A new architecture = a class in model.py taking (num_classes, encoder_weights) + one entry here.
-# "lr": the default peak learning rate of the engine's recipe, chosen per architecture by bench/quality.py:
-# AlbuNet's BatchNorm-free decoder on a ResNet encoder diverges after warmup at the others' 3e-3.
+# The engine's default recipe per architecture, chosen by bench/quality.py: "lr" is the peak learning
+# rate; "decoder_lr_factor" scales it for the layers outside encoder_modules(). AlbuNet's
+# BatchNorm-free decoder on a ResNet encoder diverges at the 3e-3 its encoder learns best with.
 model_list = {
     "UNet": {"class": UNet, "description": "Classic UNet, trained from scratch", "pretrained_encoder": None,
-             "lr": 3e-3},
+             "lr": 3e-3, "decoder_lr_factor": 1.0},
     "UNet11": {"class": UNet11, "description": "UNet with a VGG11 encoder (TernausNet)", "pretrained_encoder": "vgg11",
-               "lr": 3e-3},
+               "lr": 3e-3, "decoder_lr_factor": 1.0},
     "UNet16": {"class": UNet16, "description": "UNet with a VGG16 encoder (TernausNet)", "pretrained_encoder": "vgg16",
-               "lr": 3e-3},
+               "lr": 3e-3, "decoder_lr_factor": 1.0},
     "AlbuNet": {"class": AlbuNet, "description": "UNet with a ResNet34 encoder", "pretrained_encoder": "resnet34",
-                "lr": 1e-3},
+                "lr": 3e-3, "decoder_lr_factor": 0.33},
     "LinkNet34": {"class": LinkNet34, "description": "LinkNet with a ResNet34 encoder", "pretrained_encoder": "resnet34",
-                  "lr": 3e-3},
+                  "lr": 3e-3, "decoder_lr_factor": 1.0},
 }
 
 

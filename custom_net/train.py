@@ -36,8 +36,8 @@ from custom_net.model import INIT_SCHEMES, UnknownModelError, build_model, model
 from custom_net.reporting import ConsoleReporter, JsonLinesReporter, Reporter
 from custom_net.utils import (AMP_MODES, LR_SCHEDULES, OPTIMIZERS, CheckpointSaver, NonFiniteLoss, StopRequested,
                               StorageError, atomic_torch_save, atomic_write_json, atomic_write_text, build_optimizer,
-                              build_scheduler, current_lr, resolve_amp, resolve_num_workers, seed_everything,
-                              set_bn_momentum, train_one_epoch)
+                              build_scheduler, current_lr, parameter_groups, resolve_amp, resolve_num_workers,
+                              seed_everything, set_bn_momentum, train_one_epoch)
 from custom_net.validation import evaluate
 from custom_net.visualize import preview_panel, save_charts, save_png
 
@@ -53,7 +53,11 @@ RESUME_STATE = "resume_state.pt"  # not *.pth: model_*.pth files must stay plain
 ORIGINAL_PRESET = dict(optimizer="Adam", lr=1e-3, weight_decay=1e-4, lr_schedule="StepLR", step_size=5, gamma_step=0.1,
                        loss="jaccard_nll", jaccard_weight=0.5, class_weights=None, sly_augs_path="", epochs=10,
                        scheduler_order="before", init="original", best_metric="val_loss", clip_grad_norm=0.0,
-                       bn_momentum=0.1)
+                       bn_momentum=0.1, decoder_lr_factor=1.0)
+# Options whose default depends on the architecture (model_list holds the values).
+MODEL_DEFAULTS = ("lr", "decoder_lr_factor")
+# Resuming a run started before an option existed: the behaviour of that time (and its optimizer layout).
+BEFORE_OPTION_EXISTED = dict(bn_momentum=0.1, decoder_lr_factor=1.0)
 
 # --demo: small enough to train on a laptop CPU in a few minutes.
 DEMO_DEFAULTS = dict(model="UNet", encoder_weights="none", epochs=20, input_height=128, input_width=160,
@@ -62,11 +66,11 @@ DEMO_DEFAULTS = dict(model="UNet", encoder_weights="none", epochs=20, input_heig
 logger = logging.getLogger("custom_net")
 
 
-def _default_lrs() -> str:
-    """'3e-3; AlbuNet 1e-3': the most common default lr, then the architectures that differ."""
-    lrs = [spec["lr"] for spec in model_list.values()]
-    common = max(set(lrs), key=lrs.count)
-    return "; ".join([f"{common:g}"] + [f"{name} {spec['lr']:g}" for name, spec in model_list.items() if spec["lr"] != common])
+def _per_model_default(key: str) -> str:
+    """'1; AlbuNet 0.33': the most common per-architecture default of ``key``, then the architectures that differ."""
+    values = [spec[key] for spec in model_list.values()]
+    common = max(set(values), key=values.count)
+    return "; ".join([f"{common:g}"] + [f"{name} {spec[key]:g}" for name, spec in model_list.items() if spec[key] != common])
 
 
 class ArgsError(ValueError):
@@ -188,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="Adam")
     g.add_argument("--lr", type=_positive_float, default=None,
-                   help="peak learning rate (default: the architecture's, " + _default_lrs() + ")")
+                   help="peak learning rate (default: the architecture's, " + _per_model_default("lr") + ")")
+    g.add_argument("--decoder-lr-factor", type=_positive_float, default=None, metavar="F",
+                   help="the layers outside the encoder train at F x --lr (default: the architecture's, "
+                        + _per_model_default("decoder_lr_factor") + ")")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD only")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="SGD only")
@@ -202,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--milestones", type=_positive_int, nargs="+", default=[5, 10, 15], help="MultiStepLR epochs")
     g.add_argument("--gamma-exp", type=float, default=0.9, help="ExponentialLR factor per epoch")
     g.add_argument("--warmup-epochs", type=_non_negative_float, default=None,
-                   help=f"cosine: linear warmup length in epochs (default: {WARMUP_SHARE:.0%} of --epochs)")
+                   help=f"cosine: linear warmup length in epochs (default: {WARMUP_SHARE * 100:.0f}%% of --epochs)")
     g.add_argument("--min-lr", type=float, default=1e-6, help="cosine: final learning rate")
     g.add_argument("--scheduler-order", choices=("after", "before"), default="after",
                    help="epoch schedules: step after each epoch, or before it as the original app did")
@@ -277,7 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not run_args.is_file():
             raise ArgsError(f"--resume: {first.resume} is not a run folder ({run_args} is missing)")
         # train_args.json records "output" too: override it, not pass it twice (a TypeError).
-        parser.set_defaults(**{**_load_json_defaults(parser, str(run_args)), "output": str(first.resume)})
+        parser.set_defaults(**{**BEFORE_OPTION_EXISTED, **_load_json_defaults(parser, str(run_args)),
+                                "output": str(first.resume)})
     elif first.train_args:
         parser.set_defaults(**_load_json_defaults(parser, first.train_args))
     else:
@@ -296,8 +304,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ArgsError("--split files needs --train-set and --val-set")
     if args.checkpoint_interval < 0:
         raise ArgsError("--checkpoint-interval must be >= 0")
-    if args.lr is None:
-        args.lr = model_list[args.model]["lr"]
+    for key in MODEL_DEFAULTS:
+        if getattr(args, key) is None:
+            setattr(args, key, model_list[args.model][key])
     if args.warmup_epochs is None:
         args.warmup_epochs = round(WARMUP_SHARE * args.epochs, 3)
     return args
@@ -508,7 +517,8 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
     model.to(device, memory_format=memory_format)
     model, train_model = dist_ctx.prepare_model(model, args.sync_bn)  # DDP trains; `model` is the plain module
     criterion.to(device)
-    optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum, args.weight_decay, args.nesterov)
+    optimizer = build_optimizer(args.optimizer, parameter_groups(model, args.lr, args.decoder_lr_factor), args.lr,
+                                args.momentum, args.weight_decay, args.nesterov)
     step_model = torch.compile(train_model) if args.compile else train_model  # checkpoints come from `model`
 
     train_set = data.SlySegDataset(train_data, augs_config, seed=args.seed)

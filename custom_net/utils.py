@@ -90,6 +90,18 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
+def parameter_groups(model: torch.nn.Module, lr: float, decoder_lr_factor: float = 1.0) -> list[dict]:
+    """The encoder's parameters at ``lr``, the rest (decoder, head) at ``lr * decoder_lr_factor``.
+    One group when the factor is 1, so runs and resume states without it keep their layout."""
+    params = list(model.parameters())
+    if decoder_lr_factor == 1:
+        return [{"params": params}]
+    encoder = {id(p) for module in model.encoder_modules() for p in module.parameters()}
+    groups = [{"params": [p for p in params if id(p) in encoder]},
+              {"params": [p for p in params if id(p) not in encoder], "lr": lr * decoder_lr_factor}]
+    return [group for group in groups if group["params"]]  # UNet has no encoder: all of it is decoder
+
+
 def build_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float, nesterov: bool):
     if name == "SGD":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)

@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
 from custom_net.evaluate import METRIC_LABELS
@@ -142,6 +143,11 @@ def test_device_selector(app):
     assert locked(app, 7)
 
 
+def test_page_describes_options_as_the_cli_help_does(app):
+    page = " ".join(requests.get(app.url, timeout=30).text.split())
+    assert "30% of --epochs" in page and "AlbuNet 0.33" in page
+
+
 def test_recipe_fills_the_fields_it_decides(app):
     """"original app" sets what --preset original sets; "defaults" puts the engine defaults back;
     fields no recipe decides keep what the user typed."""
@@ -160,19 +166,20 @@ def test_recipe_fills_the_fields_it_decides(app):
     assert (state["s06_lr"]["value"], state["s06_clip_grad_norm"]["value"]) == ("0.003", "1.0")
 
 
-def test_default_lr_follows_the_model(app):
-    """Step 05's architecture sets step 06's learning rate (AlbuNet trains at 1e-3 by default), unless the
-    user typed one."""
+def test_learning_rates_follow_the_model(app):
+    """Step 05's architecture sets step 06's learning rate and decoder factor (AlbuNet's decoder trains at
+    0.33x by default), unless the user typed their own."""
     def choose(model, **state_patch):
         app.click("s05_restart", **state_patch)
         app.click("s05_apply", s05_model={"selectedRow": list(model_list).index(model)}, s05_weights={"value": "none"})
         assert app.status(5)[0] == "success"
-        return app.state()["s06_lr"]["value"]
+        state = app.state()
+        return state["s06_lr"]["value"], state["s06_decoder_lr_factor"]["value"]
 
-    assert choose("AlbuNet") == "0.001"
-    assert choose("LinkNet34") == "0.003"
-    assert choose("AlbuNet", s06_lr={"value": "0.0005"}) == "0.0005"
-    assert choose("UNet", s06_lr={"value": ""}) == "0.003"  # an emptied field gets the default back
+    assert choose("AlbuNet") == ("0.003", "0.33")
+    assert choose("LinkNet34") == ("0.003", "1.0")
+    assert choose("AlbuNet", s06_decoder_lr_factor={"value": "0.5"}) == ("0.003", "0.5")
+    assert choose("UNet", s06_decoder_lr_factor={"value": ""}, s06_lr={"value": "0.0005"}) == ("0.0005", "1.0")
 
 
 def test_full_run_to_the_end(app):
@@ -284,7 +291,7 @@ def _non_default(action):
         return not action.default
     return {"input_height": 96, "input_width": 128, "class_weights": [0.5, 1.0, 2.0], "milestones": [3, 7],
             "gpu_id": "cpu", "num_workers": 1, "lr": 0.005, "min_lr": 1e-5, "jaccard_weight": 0.25, "max_keep_ckpts": 3,
-            "warmup_epochs": 2.0, "bn_momentum": 0.5}.get(action.dest, (action.default or 0) + 1 if isinstance(action.default, (int, float))
+            "warmup_epochs": 2.0, "bn_momentum": 0.5, "decoder_lr_factor": 0.25}.get(action.dest, (action.default or 0) + 1 if isinstance(action.default, (int, float))
                                       and not isinstance(action.default, bool) else None)
 
 

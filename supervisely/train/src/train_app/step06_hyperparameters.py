@@ -6,7 +6,7 @@ import argparse
 from supervisely.app.widgets import Button, Card, Container, Field, Input, Select, Switch, Text
 
 from custom_net.sly_integration import check_setting, list_devices, plan_launch, settings_to_argv
-from custom_net.train import ORIGINAL_PRESET, ArgsError, build_parser, parse_args
+from custom_net.train import MODEL_DEFAULTS, ORIGINAL_PRESET, ArgsError, build_parser, parse_args
 from train_app.wizard import Step
 
 # The options this card shows, by section. A new engine option goes into one of these lists, or into
@@ -15,7 +15,7 @@ SECTIONS = [
     ("Recipe", ["preset"]),
     ("Input size", ["input_height", "input_width"]),
     ("Training", ["epochs", "batch_size", "loss", "jaccard_weight", "class_weights", "seed", "init", "bn_momentum"]),
-    ("Optimizer", ["optimizer", "lr", "momentum", "weight_decay", "nesterov", "clip_grad_norm"]),
+    ("Optimizer", ["optimizer", "lr", "decoder_lr_factor", "momentum", "weight_decay", "nesterov", "clip_grad_norm"]),
     ("Learning-rate schedule", ["lr_schedule", "step_size", "gamma_step", "milestones", "gamma_exp",
                                 "warmup_epochs", "min_lr", "scheduler_order"]),
     ("Validation and checkpoints", ["val_interval", "best_metric", "checkpoint_interval", "max_keep_ckpts",
@@ -50,13 +50,18 @@ def _label(dest: str) -> str:
     return LABELS.get(dest) or dest.replace("_", " ").capitalize()
 
 
+def field_help(dest: str, action: argparse.Action) -> str:
+    """The page's description of an option: its help as ``--help`` prints it (defaults filled in)."""
+    return HELP.get(dest) or (action.help or "") % vars(action)
+
+
 def _as_text(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else ("" if value is None else str(value))
 
 
 def recipe_values(preset: str, model: str) -> dict:
     """Every option's value under a recipe for an architecture, as the engine resolves ``--preset``
-    (the default learning rate depends on the architecture)."""
+    (the learning rates depend on the architecture)."""
     return vars(parse_args(["--project-dir", ".", "--preset", preset, "--model", model]))
 
 
@@ -76,11 +81,11 @@ class HyperparametersStep(Step):
                 self.errors[dest] = error = Text("", status="error", widget_id=self.wid(f"err_{dest}"))
                 error.hide()
                 fields.append(Field(Container([widget, error], gap=2), _label(dest),
-                                    HELP.get(dest) or (action.help or "").replace("%(default)s", str(action.default))))
+                                    field_help(dest, action)))
             sections.append(Card(title, content=Container(fields), collapsable=True,
                                  widget_id=self.wid(f"section_{len(sections)}")))
         self.inputs["preset"].value_changed(self._use_recipe)
-        self._filled_lr = ""  # the lr text a recipe last put in the field: replaced while the user keeps it
+        self._filled = dict.fromkeys(MODEL_DEFAULTS, "")  # texts a recipe last put in: replaced while the user keeps them
         self.experiment = Input("unet", widget_id=self.wid("experiment"))
         self.apply = Button("Check and use these settings", widget_id=self.wid("apply"))
         self.controls = [*self.inputs.values(), self.experiment, self.apply]
@@ -120,13 +125,15 @@ class HyperparametersStep(Step):
         for dest in ORIGINAL_PRESET:  # the fields a recipe decides
             if dest in self.inputs:
                 self._show(dest, values[dest])
-        self._filled_lr = _as_text(values["lr"])
+        self._filled = {dest: _as_text(values[dest]) for dest in MODEL_DEFAULTS}
 
     def on_unlock(self):
-        """Step 05 chose the architecture: show its default learning rate, unless the user typed another."""
-        if self.inputs["lr"].get_value().strip() in ("", self._filled_lr):
-            self._filled_lr = _as_text(recipe_values(self.inputs["preset"].get_value(), self._model())["lr"])
-            self._show("lr", self._filled_lr)
+        """Step 05 chose the architecture: show its default learning rates, unless the user typed others."""
+        values = recipe_values(self.inputs["preset"].get_value(), self._model())
+        for dest in MODEL_DEFAULTS:
+            if self.inputs[dest].get_value().strip() in ("", self._filled[dest]):
+                self._filled[dest] = _as_text(values[dest])
+                self._show(dest, self._filled[dest])
 
     def _check(self, dest):
         """(value, None) or (None, message) for one field."""
