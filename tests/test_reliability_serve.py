@@ -104,6 +104,16 @@ def test_fuzzed_uploads_never_crash_the_server(server, route, files, form):
     _check(_upload(server, route, files, form), (route, [(f, n, d[:40]) for f, (n, d) in files], form))
 
 
+@pytest.mark.parametrize("state, status", [({"settings": []}, 400), ({"settings": 0}, 400), ({"settings": None}, 200)])
+def test_settings_must_be_an_object_or_null(server, state, status):
+    """Found by the fuzzer: an empty list as "settings" passed the check and then crashed the SDK's code."""
+    response = requests.post(f"{server.url}/inference_image", files=[("files", ("a.png", GOOD))],
+                             data={"settings": json.dumps(state)}, timeout=60)
+    assert response.status_code == status, response.text[:300]
+    if status == 400:
+        assert "\"settings\" must be a JSON object" in response.json()["message"]
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(route=st.sampled_from(JSON_ROUTES + BODY_ONLY_ROUTES),

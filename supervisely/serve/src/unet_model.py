@@ -78,14 +78,14 @@ def parse_state(text: str) -> dict:
     if unknown:
         raise InvalidSettings(f"unknown request key(s) {', '.join(map(repr, unknown))}; accepted: "
                               f"{', '.join(sorted(STATE_KEYS))} (inference settings go inside \"settings\")")
-    settings = state.get("settings") or {}
+    settings = {} if state.get("settings") is None else state["settings"]
     if not isinstance(settings, dict):
-        raise InvalidSettings("\"settings\" must be a JSON object")
+        raise InvalidSettings(f"\"settings\" must be a JSON object, got {json.dumps(settings)[:80]}")
     parse_settings({**DEFAULT_SETTINGS, **settings})
     batch_size = state.get("batch_size")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InvalidSettings(f"batch_size must be a positive integer, got {batch_size!r}")
-    return state
+    return {**state, "settings": settings}  # null = none; the SDK's own code wants a dict here
 
 
 @dataclass(frozen=True)
