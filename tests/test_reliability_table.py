@@ -127,6 +127,11 @@ FAULTS = [
                    "keys and values",
           "Every answer 2xx, or 4xx with a `message` / `detail`; never a 5xx or a dropped connection",
           (SERVE + "test_fuzzed_uploads_never_crash_the_server",)),
+    Fault("serve", "An upload whose `settings` form field holds `{\"settings\": []}` (or another non-object) instead of "
+                   "an object of inference settings; found by the fuzzer",
+          "400: `\"settings\" must be a JSON object, got []`; before, it passed the check and the SDK's own code "
+          "answered 500. `null` still means no settings (200)",
+          (SERVE + "test_settings_must_be_an_object_or_null",)),
     Fault("serve", "150 generated bodies for the info routes (random bytes, any JSON, objects whose `context`, "
                    "`state`, `api_token`, `server_address` have any type; any content type) and non-object JSON "
                    "for the platform-only routes",
