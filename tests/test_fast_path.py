@@ -142,8 +142,8 @@ def test_learning_rates_are_the_architectures(tmp_path):
     """AlbuNet's BatchNorm-free decoder diverges at the lr its ResNet encoder learns best with
     (bench/RESULTS.md): its decoder trains at 0.33x. Given flags, the original preset and a
     train_args.json still decide; train_args.json records the resolved values."""
-    resolved = {name: (lambda a: (a.lr, a.decoder_lr_factor))(parse_args(["--demo", "--model", name]))
-                for name in model_list}
+    resolved = {name: (args.lr, args.decoder_lr_factor)
+                for name in model_list for args in [parse_args(["--demo", "--model", name])]}
     assert resolved == {"UNet": (3e-3, 1.0), "UNet11": (3e-3, 1.0), "UNet16": (3e-3, 1.0),
                         "AlbuNet": (3e-3, 0.33), "LinkNet34": (3e-3, 1.0)}
     given = parse_args(["--demo", "--model", "AlbuNet", "--lr", "0.01", "--decoder-lr-factor", "0.5"])
@@ -151,10 +151,14 @@ def test_learning_rates_are_the_architectures(tmp_path):
     original = parse_args(["--demo", "--model", "AlbuNet", "--preset", "original"])
     assert (original.lr, original.decoder_lr_factor) == (1e-3, 1.0)
     recorded = tmp_path / "train_args.json"
-    recorded.write_text(json.dumps({"model": "AlbuNet", "lr": 0.02, "decoder_lr_factor": 0.1, "project_dir": "."}))
-    assert (parse_args(["--train-args", str(recorded)]).decoder_lr_factor, parse_args(["--train-args", str(recorded)]).lr) == (0.1, 0.02)
-    recorded.write_text(json.dumps({"model": "AlbuNet", "project_dir": "."}))
-    assert (parse_args(["--train-args", str(recorded)]).lr, parse_args(["--train-args", str(recorded)]).decoder_lr_factor) == (3e-3, 0.33)
+
+    def from_file(values):
+        recorded.write_text(json.dumps({"model": "AlbuNet", "project_dir": ".", **values}))
+        args = parse_args(["--train-args", str(recorded)])
+        return args.lr, args.decoder_lr_factor
+
+    assert from_file({"lr": 0.02, "decoder_lr_factor": 0.1}) == (0.02, 0.1)
+    assert from_file({}) == (3e-3, 0.33)
     with pytest.raises(ArgsError, match="--decoder-lr-factor"):
         parse_args(["--demo", "--decoder-lr-factor", "0"])
 
