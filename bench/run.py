@@ -30,7 +30,8 @@ LEMONS = REPO.parent / "shared" / "data" / "lemons_annotated"
 SECTIONS = ("data", "train", "infer", "quality")
 AUGS_TEMPLATE = "seg_simple_rotate_crop_flipLR_flipUD"
 SIZE = 256
-TARGETS = {"data": 10.0, "data+augs": 10.0, "train (geomean)": 3.0, "infer (geomean)": 3.0}
+TARGETS = {"data": 10.0, "data+augs": 10.0, "train (geomean)": 3.0, "infer (geomean)": 3.0,
+           "infer int8 (geomean)": 3.0}
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -228,6 +229,7 @@ def bench_infer(args) -> dict:
     from custom_net.inference import inference, prepare_fast_model
     from custom_net.model import build_model, fold_batchnorm, model_list
     from custom_net.preprocessing import decode_image_rgb
+    from custom_net.quantize import quantize_int8
     from custom_net.utils import resolve_amp, select_device
 
     device = select_device(args.device)
@@ -236,10 +238,21 @@ def bench_infer(args) -> dict:
     picture = cv2.GaussianBlur(rng.integers(0, 256, (800, 1067, 3), dtype=np.uint8), (0, 0), 3)
     jpeg = cv2.imencode(".jpg", picture)[1].tobytes()
     result = {"device": str(device), "image": "1067x800 JPEG", "models": {}}
+    # The int8 runtime (CPU only) calibrates on training images; smooth random pictures stand in for them.
+    calibration = np.stack([cv2.resize(cv2.GaussianBlur(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8), (0, 0), 3),
+                                       (SIZE, SIZE)) for _ in range(16)])
     for name in args.models or list(model_list):
         torch.manual_seed(0)
         model = build_model(name, 3, "none").to(device).eval()
         row = {}
+        if device.type == "cpu":
+            started = time.perf_counter()
+            # An untrained network's class scores are near-ties, which the load-time check would refuse;
+            # int8 quality is measured on trained models in the quality section.
+            int8_model = quantize_int8(fold_batchnorm(model), calibration, min_class_iou=0)
+            row["int8_load_s"] = time.perf_counter() - started
+            row["int8"] = timed(lambda: inference(int8_model, decode_image_rgb(jpeg), SIZE, SIZE, device),
+                                repeats, device) * 1000
         for variant, fast in (("baseline", False), ("ours", True)):
             if fast:  # as load_predictor gives it: BatchNorm folded, channels_last, weights in the amp dtype
                 amp_dtype = resolve_amp("auto", device)
@@ -269,6 +282,29 @@ def bench_infer(args) -> dict:
 QUALITY_SEEDS = (0, 1, 2, 3, 4)
 
 
+def int8_fidelity(run: Path) -> dict:
+    """Mean foreground IoU on a demo run's validation items of its best checkpoint, predicted in float32
+    and by the int8 runtime (calibrated on the run's own calibration images, as serving does it)."""
+    from dataclasses import replace
+
+    import torch
+    from custom_net import sly_seg_dataset as data
+    from custom_net.demo import demo_project_dir
+    from custom_net.evaluate import evaluate_items, select_items
+    from custom_net.predict import load_predictor
+    from custom_net.quantize import QuantizationError
+
+    try:
+        predictor = load_predictor(run, "cpu", "int8")
+    except QuantizationError as e:  # e.g. after --quick's two epochs: a model not yet decisive
+        return {"refused": str(e)}
+    project = data.open_project(demo_project_dir())
+    items = select_items(project, run / "info" / "val_set.json")
+    cpu = torch.device("cpu")
+    return {label: evaluate_items(trained, project.meta, items, cpu, worst=0)["metrics"]["mean_fg_iou"]
+            for label, trained in (("float32", predictor.trained), ("int8", replace(predictor.trained, model=predictor.net)))}
+
+
 def bench_quality(args) -> dict:
     """The same seeded training budgets on the demo project with the fast path and in float32, over a
     few seeds: runs whose arithmetic differs in the last bits follow different trajectories, so one
@@ -282,9 +318,12 @@ def bench_quality(args) -> dict:
                                ("baseline", ["--amp", "off", "--no-channels-last"])):
             start, scores = time.perf_counter(), []
             for seed in seeds:
+                run = Path(tmp) / f"{variant}_{seed}"
                 summary = main(["--demo", "--epochs", epochs, "--seed", str(seed), "--reporter", "none",
-                                "--gpu-id", args.device, "--output", str(Path(tmp) / f"{variant}_{seed}"), *extra])
+                                "--gpu-id", args.device, "--output", str(run), *extra])
                 scores.append(summary["final"]["mean_fg_iou"])
+                if variant == "ours":
+                    result.setdefault("int8", []).append(int8_fidelity(run))
             result[variant] = {"mean_fg_iou": statistics.fmean(scores), "per_seed": scores,
                                "seed_stdev": statistics.stdev(scores) if len(scores) > 1 else float("nan"),
                                "seconds": (time.perf_counter() - start) / len(seeds)}
@@ -352,6 +391,14 @@ def table(results: dict) -> str:
             add(f"infer {name}, one {i['image']} end to end", r["ours"], r["baseline"], "ms", ratios[-1])
         add("infer (geomean)", geomean(r["ours"] for r in i["models"].values()),
             geomean(r["baseline"] for r in i["models"].values()), "ms", geomean(ratios), TARGETS["infer (geomean)"])
+        int8 = {name: r for name, r in i["models"].items() if "int8" in r}
+        for name, r in int8.items():
+            add(f"infer {name} int8 runtime (load {r['int8_load_s']:.1f} s)", r["int8"], r["baseline"], "ms",
+                r["baseline"] / r["int8"])
+        if int8:
+            add("infer int8 (geomean)", geomean(r["int8"] for r in int8.values()),
+                geomean(r["baseline"] for r in int8.values()), "ms",
+                geomean(r["baseline"] / r["int8"] for r in int8.values()), TARGETS["infer int8 (geomean)"])
     if "quality" in results:
         q = results["quality"]
         rows.append(f"| quality guard: demo mean fg IoU, mean of {len(q['seeds'])} seed(s) | "
@@ -362,6 +409,14 @@ def table(results: dict) -> str:
         def seeds(r):
             return f"{', '.join(f'{v:.3f}' for v in r['per_seed'])} (stdev {r['seed_stdev']:.3f})"
         rows.append(f"| ↳ per seed | {seeds(q['ours'])} | {seeds(q['baseline'])} | | |")
+        accepted = [r for r in q.get("int8", []) if "refused" not in r]
+        if accepted:
+            int8, float32 = (statistics.fmean(r[k] for r in accepted) for k in ("int8", "float32"))
+            rows.append(f"| int8 runtime on the fast path's best checkpoints ({len(accepted)} of {len(q['int8'])}): "
+                        f"demo mean fg IoU | {int8:.4f} (int8) | {float32:.4f} (float32) | Δ {int8 - float32:+.4f} | |")
+        for r in q.get("int8", []):
+            if "refused" in r:
+                rows.append(f"| ↳ int8 refused | {r['refused']} | | | |")
     memory = ", ".join(f"{k} {v['peak_rss_mb']:.0f} MB" for k, v in results.items())
     cuda = ", ".join(f"{k} {v['cuda_peak_mb']:.0f} MB" for k, v in results.items() if v.get("cuda_peak_mb"))
     rows.append(f"\nPeak RSS per section: {memory}." + (f" CUDA max allocated: {cuda}." if cuda else ""))

@@ -21,7 +21,7 @@ import torch
 
 from custom_net.inference import load_trained_model, resolve_checkpoint
 
-RUNTIMES = ("pytorch", "onnx")
+RUNTIMES = ("pytorch", "int8", "onnx")  # int8: custom_net.quantize, on the CPU
 OPSET = 17
 # Traced at odd multiples of 32: there the decoders resize upsampled maps to the skip connection's
 # size, so the tracer records that resize (computed from the input's shape). Traced at even

@@ -28,10 +28,15 @@ class TrainedModel:
     checkpoint: Path
 
 
+def run_info_dir(checkpoint: str | Path) -> Path:
+    """``<run>/info`` of the run folder holding ``<run>/checkpoints/<ckpt>``."""
+    return Path(checkpoint).resolve().parent.parent / "info"
+
+
 def read_run_info(checkpoint: str | Path) -> tuple[dict, list[sly.ObjClass]]:
     """``info/ui_state.json`` and ``info/model_classes.json`` of the run folder holding ``checkpoints/<ckpt>``."""
     checkpoint = Path(checkpoint)
-    info = checkpoint.resolve().parent.parent / "info"
+    info = run_info_dir(checkpoint)
     try:
         ui_state = json.loads((info / "ui_state.json").read_text())
         classes = json.loads((info / "model_classes.json").read_text())

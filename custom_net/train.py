@@ -33,6 +33,7 @@ from custom_net.evaluate import evaluate_training_run
 from custom_net.inference import predict_probabilities
 from custom_net.loss import LOSSES, build_loss
 from custom_net.model import INIT_SCHEMES, UnknownModelError, build_model, model_list
+from custom_net.quantize import CALIBRATION_FILE, save_calibration_images
 from custom_net.reporting import ConsoleReporter, JsonLinesReporter, Reporter
 from custom_net.utils import (AMP_MODES, LR_SCHEDULES, OPTIMIZERS, CheckpointSaver, NonFiniteLoss, StopRequested,
                               StorageError, atomic_torch_save, atomic_write_json, atomic_write_text, build_optimizer,
@@ -579,6 +580,8 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
         if augs_config is not None:
             atomic_write_json(info / "augs_config.json", augs_config)
             atomic_write_text(info / "augs_preview.py", augs.augs_to_python(augs_config))
+    if dist_ctx.is_main and not (info / CALIBRATION_FILE).is_file():  # also for a resumed run that predates it
+        save_calibration_images(info / CALIBRATION_FILE, train_data.images)
     vis = {"train": _vis_items(train_data.items, args.vis_count, args.seed),
            "val": _vis_items(val_data.items, args.vis_count, args.seed + 1)}
     for split, prepared in (("train", train_data), ("val", val_data)):

@@ -64,15 +64,24 @@ def resolve_num_workers(setting: int | str, device: torch.device) -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def cpu_has_fast_bf16() -> bool:
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX512_BF16", "AMX", "AVX512_AMX"):
-        return True
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux; empty elsewhere)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_has_fast_bf16() -> bool:
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX", "AVX512_AMX"):
+        return True
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+def cpu_has_vnni() -> bool:
+    """int8 dot-product instructions: 8-bit activations cannot saturate the int16 sums of older kernels."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & _cpu_flags())
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:

@@ -40,10 +40,10 @@ def tiny_project(tmp_path_factory) -> Path:
     return build_demo_project(tmp_path_factory.mktemp("tiny") / "project", images_per_dataset=(6, 4, 2), size=(64, 48))
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python custom_net/train.py ARGS`` as a user would."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, script: str = "train.py") -> subprocess.CompletedProcess:
+    """Run ``python custom_net/<script> ARGS`` as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO / "custom_net" / "train.py"), *args], cwd=cwd or REPO,
+    return subprocess.run([sys.executable, str(REPO / "custom_net" / script), *args], cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

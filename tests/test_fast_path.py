@@ -273,6 +273,25 @@ def test_bench_quality_guard_row_averages_seeds():
     text = bench.table({"quality": quality})
     assert "mean of 2 seed(s) | 0.6100 (5 s/run) | 0.5900 (9 s/run) | Δ 0.0200 ± 0.0010 (1 SE) | < 0.01 ❌" in text
     assert "0.600, 0.620 (stdev 0.014)" in text and "0.580, 0.600 (stdev 0.014)" in text
+    assert "int8" not in text  # results from before the int8 runtime
+    quality["int8"] = [{"int8": 0.6, "float32": 0.62}, {"int8": 0.5, "float32": 0.5}, {"refused": "class 2: IoU 0.5"}]
+    text = bench.table({"quality": quality})
+    assert "best checkpoints (2 of 3): demo mean fg IoU | 0.5500 (int8) | 0.5600 (float32) | Δ -0.0100 |" in text
+    assert "| ↳ int8 refused | class 2: IoU 0.5 |" in text
+
+
+def test_bench_infer_rows_rate_the_int8_runtime_against_float32():
+    bench = _bench_module()
+    infer = {"device": "cpu", "image": "1067x800 JPEG", "peak_rss_mb": 1.0, "cuda_peak_mb": None,
+             "models": {"UNet": {"baseline": 300.0, "ours": 120.0, "int8": 60.0, "int8_load_s": 4.0},
+                        "LinkNet34": {"baseline": 160.0, "ours": 80.0, "int8": 40.0, "int8_load_s": 2.0}}}
+    text = bench.table({"infer": infer})
+    assert "| infer (geomean) | 97.98 ms | 219.1 ms | 2.24× | ≥ 3× ❌ |" in text
+    assert "| infer UNet int8 runtime (load 4.0 s) | 60 ms | 300 ms | 5.00× |  |" in text
+    assert "| infer int8 (geomean) | 48.99 ms | 219.1 ms | 4.47× | ≥ 3× ✅ |" in text
+    for r in infer["models"].values():  # on a GPU there is no int8 runtime
+        del r["int8"], r["int8_load_s"]
+    assert "int8" not in bench.table({"infer": infer})
 
 
 def test_bench_quality_guard_verdict_weighs_the_seed_noise():

@@ -93,7 +93,7 @@ def test_artifact_tree_is_exactly_the_contract(run_dir):
         "checkpoints/train_args.json", "checkpoints/resume_state.pt",
         "info/augs_config.json", "info/augs_preview.py", "info/model_classes.json", "info/ui_state.json",
         "info/train_set.json", "info/val_set.json", "info/train_vis_items.json", "info/val_vis_items.json",
-        "info/metrics.jsonl", "info/summary.json",
+        "info/metrics.jsonl", "info/summary.json", "info/calibration_images.npz",
         "info/charts/loss.png", "info/charts/lr.png", "info/charts/metrics.png",
         *(f"info/previews/{split}_epoch_{e:03d}.png" for split in ("train", "val") for e in epochs),
         # --eval, --speed-test (on by default): the best checkpoint on the 2 validation items
@@ -162,6 +162,52 @@ def test_info_files(run_dir, tiny_project):
     assert train_args["epochs"] == EPOCHS and train_args["sly_augs_path"] == AUGS
     assert train_args["encoder_weights"] == "none"  # recorded resolved, not "auto"
     assert not {"train_args", "resume", "demo"} & train_args.keys()
+
+
+def test_calibration_images_are_training_images_at_the_input_size(run_dir, tiny_project):
+    with np.load(run_dir / "info" / "calibration_images.npz") as saved:
+        images = saved["images"]
+    train_keys = json.loads((run_dir / "info" / "train_set.json").read_text())
+    assert images.dtype == np.uint8 and images.shape == (min(16, len(train_keys)), 64, 64, 3)
+    project = data.open_project(tiny_project)
+    by_key = {(i.dataset_name, i.item_name): i for i in data.list_items(project)}
+    train_items = [by_key[(k["dataset_name"], k["item_name"])] for k in train_keys]
+    prepared = data.PreparedData(train_items, project.meta, CLASSES, 64, 64)
+    try:
+        assert np.array_equal(images, prepared.images[: len(images)])  # fewer than 16: all of them, in order
+    finally:
+        prepared.close()
+
+
+def test_int8_runtime_predicts_like_float32(run_dir, tiny_project, tmp_path):
+    """predict.py --runtime int8 against --runtime pytorch --amp off on the same trained checkpoint."""
+    images = tiny_project / "ds_a" / "img"
+    masks = {}
+    for runtime, extra in (("int8", []), ("pytorch", ["--amp", "off"])):
+        result = run_cli(str(run_dir), str(images), "--output", str(tmp_path / runtime), "--runtime", runtime, *extra,
+                         script="predict.py")
+        assert result.returncode == 0, result.stderr[-3000:]
+        masks[runtime] = {p.name: cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+                          for p in sorted((tmp_path / runtime / "masks").glob("*.png"))}
+    assert masks["int8"].keys() == masks["pytorch"].keys() and len(masks["int8"]) == len(list(images.iterdir()))
+    int8, float32 = (np.stack(list(m.values())) for m in (masks["int8"], masks["pytorch"]))
+    assert len(np.unique(float32)) > 1  # a model that predicts one class everywhere would agree trivially
+    assert (int8 == float32).mean() > 0.97
+
+
+def test_int8_runtime_without_calibration_images_says_which_file(run_dir, tmp_path):
+    run = tmp_path / "old_run"
+    for folder in ("checkpoints", "info"):
+        (run / folder).mkdir(parents=True)
+    best = next((run_dir / "checkpoints").glob("model_*_best.pth"))
+    (run / "checkpoints" / best.name).write_bytes(best.read_bytes())
+    for name in ("ui_state.json", "model_classes.json"):  # what a run of the original app has
+        (run / "info" / name).write_bytes((run_dir / "info" / name).read_bytes())
+    image = next((run_dir / "info" / "previews").glob("*.png"))
+    result = run_cli(str(run), str(image), "--output", str(tmp_path / "out"), "--runtime", "int8", script="predict.py")
+    assert result.returncode == 2
+    assert "calibration_images.npz not found" in result.stderr and "pytorch runtime" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_metrics_log_and_summary(run_dir):

@@ -22,6 +22,7 @@ from fastapi.routing import APIRoute
 from custom_net.inference import INFERENCE_MODES, convert_prediction_to_sly_format
 from custom_net.predict import Predictor, load_predictor
 from custom_net.preprocessing import ImageReadError, decode_image_rgb, read_image_rgb
+from custom_net.quantize import CALIBRATION_FILE
 
 DEFAULT_SETTINGS = {
     "mode": "whole",         # whole: resized to the training size; sliding: training-size tiles at full resolution
@@ -131,6 +132,9 @@ def download_run_files(api: sly.Api, team_id: int, remote_checkpoint: str, local
                                     "<run>/checkpoints/ beside <run>/info/ as the training app uploads it")
         local_path.parent.mkdir(parents=True, exist_ok=True)
         api.file.download(team_id, remote_path, str(local_path))
+    calibration = run / "info" / CALIBRATION_FILE  # optional: only the int8 runtime reads it, and older runs lack it
+    if api.file.exists(team_id, str(calibration)):
+        api.file.download(team_id, str(calibration), str(local_dir / "info" / CALIBRATION_FILE))
     return files[str(remote)]
 
 
@@ -251,6 +255,7 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
             "device": self.device,
             "runtime": self.runtime,
             "amp": str(self.predictor.amp_dtype).replace("torch.", "") if self.predictor.amp_dtype else "off",
+            "precision": self.predictor.precision,
             "input_size": {"height": trained.input_height, "width": trained.input_width},
             "inference_modes": list(INFERENCE_MODES),
             "max_image_pixels": self.config.max_pixels,

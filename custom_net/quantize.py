@@ -1,0 +1,177 @@
+"""int8 inference on the CPU: post-training static quantization of a trained model.
+
+Activations are quantized with ranges observed on calibration images: up to
+``MAX_CALIBRATION_IMAGES`` training images at the model's input size, which training saves as
+``info/calibration_images.npz``. A quantized model is accepted only if its predictions on those
+images agree with float32 ones (``MIN_CLASS_IOU``), so a backend kernel that computes something
+else is caught at load time instead of in the user's masks.
+
+Built on ``torch.ao.quantization`` (FX graph mode, the ``x86`` engine: int8 VNNI kernels run about
+twice as fast as bfloat16 ones on AVX512 CPUs). That API is deprecated upstream; where a torch
+no longer has it, loading says so and the float runtimes still work.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from custom_net.preprocessing import normalize_batch
+from custom_net.utils import atomic_write, cpu_has_vnni
+
+CALIBRATION_FILE = "calibration_images.npz"  # in the run's info/
+MAX_CALIBRATION_IMAGES = 16
+# The load-time check: int8 vs float32 argmax on the calibration images, per class that covers at least
+# MIN_CLASS_SHARE of the pixels, over the pixels where float32 is decisive (its top class leads the next by
+# MIN_MARGIN in probability; near-ties flip under any rounding and say nothing of the kernels).
+# Trained models score 0.97-1.0 there; a broken kernel scores far lower.
+MIN_CLASS_IOU = 0.9
+MIN_CLASS_SHARE = 0.001
+MIN_MARGIN = 0.2
+_BATCH = 4
+ENGINE = "x86"
+
+
+class QuantizationError(ValueError):
+    """The model cannot run in int8 here; the message says why and what to use instead."""
+
+
+def pick_calibration_images(images: np.ndarray, count: int = MAX_CALIBRATION_IMAGES) -> np.ndarray:
+    """Up to ``count`` images spread evenly over ``images`` (N, H, W, 3) uint8, copied out of any memory map."""
+    picked = np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int)
+    return np.ascontiguousarray(images[np.unique(picked)])
+
+
+def save_calibration_images(path: Path, images: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.savez_compressed(f, images=pick_calibration_images(images)))
+
+
+def load_calibration_images(path: Path, height: int, width: int) -> np.ndarray:
+    try:
+        with np.load(path) as data:
+            images = data["images"]
+    except FileNotFoundError:
+        raise QuantizationError(f"{path} not found: the int8 runtime calibrates on the training images this app's "
+                                "training saves there (runs trained before it, or by the original app, have none); "
+                                "use the pytorch runtime") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise QuantizationError(f"{path}: not a calibration file ({e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3) or not len(images):
+        raise QuantizationError(f"{path}: expected uint8 images of shape (N, {height}, {width}, 3), "
+                                f"got {images.dtype} {images.shape}")
+    return images
+
+
+def _quantization_api():
+    """``torch.ao.quantization`` and its FX module, or a QuantizationError saying why not."""
+    try:
+        from torch.ao import quantization
+        from torch.ao.quantization import quantize_fx
+    except ImportError as e:
+        raise QuantizationError(f"this torch ({torch.__version__}) has no torch.ao.quantization ({e}); "
+                                "use the pytorch runtime") from None
+    if ENGINE not in torch.backends.quantized.supported_engines:
+        raise QuantizationError(f"this torch has no {ENGINE} int8 engine (engines: "
+                                f"{', '.join(torch.backends.quantized.supported_engines)}); use the pytorch runtime")
+    return quantization, quantize_fx
+
+
+def _qconfig_mapping(model: nn.Module):
+    """The engine's default int8 settings, with 8-bit activations where the CPU has VNNI (the default's
+    7 bits guard older kernels against saturation, and double the rounding error), and float32 kept for
+    the layer that computes the logits (cheap, and rounding logits flips near-even classes) and for
+    transposed convolutions the engine gets wrong."""
+    quantization, _ = _quantization_api()
+    mapping = quantization.get_default_qconfig_mapping(ENGINE)
+    if cpu_has_vnni():
+        def full_range(qconfig):
+            partial = getattr(getattr(qconfig, "activation", None), "p", None)
+            if partial is None or not partial.keywords.get("reduce_range"):
+                return qconfig
+            return quantization.QConfig(activation=qconfig.activation.with_args(reduce_range=False),
+                                        weight=qconfig.weight)
+        mapping.set_global(full_range(mapping.global_qconfig))
+        for key, qconfig in list(mapping.object_type_qconfigs.items()):
+            mapping.set_object_type(key, full_range(qconfig))
+    for name in [_logits_layer(model), *_broken_deconvs(model)]:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def _logits_layer(model: nn.Module) -> str:
+    """The module whose output the model returns (through functions such as ``_match``)."""
+    node = next(n for n in torch.fx.symbolic_trace(model).graph.nodes if n.op == "output")
+    while node.op != "call_module":
+        node = node.all_input_nodes[0]
+    return node.target
+
+
+def _relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return float((other - reference).norm() / reference.norm().clamp_min(1e-12))
+
+
+def _broken_deconvs(model: nn.Module) -> list[str]:
+    """Transposed convolutions whose int8 kernel does not reproduce the float layer (in torch 2.14 the
+    x86 engine computes garbage when input and output widths differ). Those stay in float32."""
+    quantization, quantize_fx = _quantization_api()
+    broken, verdicts = [], {}
+    generator = torch.Generator().manual_seed(0)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, nn.ConvTranspose2d):
+            continue
+        config = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.output_padding, layer.dilation, layer.groups)
+        if config not in verdicts:
+            probe = nn.Sequential(copy.deepcopy(layer)).float().eval()
+            sample = torch.randn(2, layer.in_channels, 9, 11, generator=generator).relu()
+            prepared = quantize_fx.prepare_fx(probe, quantization.get_default_qconfig_mapping(ENGINE), (sample,))
+            with torch.no_grad():
+                prepared(sample)
+                verdicts[config] = _relative_error(probe(sample), quantize_fx.convert_fx(prepared)(sample)) < 0.1
+        if not verdicts[config]:
+            broken.append(name)
+    return broken
+
+
+def _class_ious(reference: torch.Tensor, other: torch.Tensor, min_share: float) -> dict[int, float]:
+    """IoU of ``other`` against ``reference`` (class-index maps) for each class that covers at least
+    ``min_share`` of ``reference``'s pixels."""
+    ious = {}
+    for c in reference.unique().tolist():
+        a, b = reference == c, other == c
+        if int(a.sum()) >= min_share * reference.numel():
+            ious[c] = int((a & b).sum()) / int((a | b).sum())
+    return ious
+
+
+def quantize_int8(model: nn.Module, calibration: np.ndarray, min_class_iou: float = MIN_CLASS_IOU) -> nn.Module:
+    """An int8 copy of ``model`` (eval mode, BatchNorm folded or not) calibrated on ``calibration``,
+    (N, H, W, 3) uint8 images at the model's input size. It takes the same float32 input and returns
+    float32 logits, so ``predict_probabilities`` and the sliding window use it unchanged.
+    Raises ``QuantizationError`` when int8 predictions on the calibration images disagree with float32
+    (a class IoU under ``min_class_iou``)."""
+    _, quantize_fx = _quantization_api()
+    torch.backends.quantized.engine = ENGINE
+    with warnings.catch_warnings():  # deprecation notices of torch.ao.quantization, on every call
+        warnings.simplefilter("ignore")
+        model = copy.deepcopy(model).float().eval()
+        inputs = normalize_batch(torch.as_tensor(calibration))
+        prepared = quantize_fx.prepare_fx(model, _qconfig_mapping(model), (inputs[:1],))
+        with torch.no_grad():
+            probs, classes = zip(*(prepared(batch).softmax(1).topk(2, dim=1) for batch in inputs.split(_BATCH)))
+            probs, classes = torch.cat(probs), torch.cat(classes)
+            quantized = quantize_fx.convert_fx(prepared)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)  # as predict_probabilities feeds it
+            got = torch.cat([quantized(batch).argmax(1) for batch in inputs.split(_BATCH)])
+    decisive = probs[:, 0] - probs[:, 1] >= MIN_MARGIN
+    ious = _class_ious(classes[:, 0][decisive], got[decisive], MIN_CLASS_SHARE)
+    worst = min(ious, key=ious.get, default=None)
+    if worst is not None and ious[worst] < min_class_iou:
+        raise QuantizationError(f"int8 predictions disagree with float32 on the calibration images (class {worst}: "
+                                f"IoU {ious[worst]:.3f} < {min_class_iou} where float32 is decisive); "
+                                "use the pytorch runtime")
+    return quantized
