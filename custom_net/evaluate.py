@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 from custom_net import sly_seg_dataset as data
 from custom_net.inference import INFERENCE_MODES, load_trained_model, predict_image, resolve_checkpoint
 from custom_net.preprocessing import resize_image, resize_mask
+from custom_net.quantize import QuantizationError, quantize_trained
 from custom_net.utils import (AMP_MODES, atomic_write, atomic_write_json, atomic_write_text, forward_batch,
                               resolve_amp, select_device)
 from custom_net.validation import BoundaryIoU, ConfusionMatrix
@@ -36,6 +38,7 @@ from custom_net.visualize import preview_panel, save_png
 logger = logging.getLogger("custom_net")
 
 EVAL_DIR = "eval"
+EVAL_RUNTIMES = ("pytorch", "int8")
 HEADLINE_METRICS = ("mean_fg_iou", "mean_iou", "mean_fg_dice", "pixel_accuracy", "frequency_weighted_iou",
                     "mean_fg_boundary_iou", "mean_fg_precision", "mean_fg_recall")
 METRIC_LABELS = {
@@ -378,8 +381,8 @@ def _rank_score(record: dict) -> float:
 def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str | Path | None = None, *,
                    items: list[data.Item] | None = None, split_file: str | Path | None = None,
                    device: str | torch.device = "auto", mode: str = "whole", overlap: float = 0.25,
-                   amp: str = "auto", boundary_width: int = 3, worst: int = 5, speed: bool = True,
-                   speed_batch: int = 8, progress=None) -> dict:
+                   amp: str = "auto", runtime: str = "pytorch", boundary_width: int = 3, worst: int = 5,
+                   speed: bool = True, speed_batch: int = 8, progress=None) -> dict:
     """Evaluate ``checkpoint`` (a .pth or a run folder) on ``items`` (default: the project's items, or
     those ``split_file`` lists) and write JSON, pictures and ``report.html`` to ``output``
     (default ``<run>/eval``). Returns ``{"headline": {...}, "report": path, ...}`` for the CLI,
@@ -388,6 +391,10 @@ def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str 
         raise EvalError(f"--mode: unknown inference mode {mode!r}; choose from {', '.join(INFERENCE_MODES)}")
     if amp not in AMP_MODES:
         raise EvalError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if runtime not in EVAL_RUNTIMES:
+        raise EvalError(f"--runtime must be one of {', '.join(EVAL_RUNTIMES)}, got {runtime!r}")
+    if runtime == "int8" and device == "auto":
+        device = "cpu"
     if not 0 <= overlap < 1:
         raise EvalError(f"--overlap must be in [0, 1), got {overlap}")
     if boundary_width < 1 or worst < 0 or speed_batch < 1:
@@ -416,13 +423,21 @@ def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str 
                         f"({', '.join(class_names[1:])}); it has: {known}")
     notes = [f"the project has no class {n!r}: its ground truth is empty" for n in missing]
     amp_dtype = resolve_amp(amp, device)
+    predicting, precision = trained, str(amp_dtype or torch.float32).replace("torch.", "")
+    if runtime == "int8":
+        if device.type != "cpu":
+            raise EvalError(f"--runtime int8 runs on the CPU, not {device}: use --device cpu")
+        try:
+            predicting, amp_dtype, precision = replace(trained, model=quantize_trained(trained)), None, "int8"
+        except QuantizationError as e:
+            raise EvalError(f"--runtime int8: {e}") from None
 
     output = Path(output) if output is not None else checkpoint.resolve().parent.parent / EVAL_DIR
     (output / "worst").mkdir(parents=True, exist_ok=True)
     for old in (output / "worst").glob("*.png"):  # a re-run replaces the previous report's panels
         old.unlink()
 
-    result = evaluate_items(trained, project.meta, items, device, amp_dtype, mode, overlap, boundary_width,
+    result = evaluate_items(predicting, project.meta, items, device, amp_dtype, mode, overlap, boundary_width,
                             worst, progress)
     metrics = result["metrics"]
     worst_records = []
@@ -443,7 +458,7 @@ def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str 
             "project_dir": str(project_dir), "split_file": str(split_file) if split_file else None,
             "items": len(items), "mode": mode, "overlap": overlap if mode == "sliding" else None,
             "input_height": trained.input_height, "input_width": trained.input_width,
-            "device": device_name(device), "amp": str(amp_dtype or torch.float32).replace("torch.", ""),
+            "device": device_name(device), "amp": precision,
             "seconds_per_image": result["seconds_per_image"], "warnings": notes,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     headline = {k: metrics[k] for k in HEADLINE_METRICS}
@@ -498,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=INFERENCE_MODES, default="whole", help="whole image resized to the training size, or sliding window at full resolution")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding window: tile overlap")
     p.add_argument("--amp", choices=AMP_MODES, default="auto", help="inference precision (auto = bf16 where the device runs it fast)")
+    p.add_argument("--runtime", choices=EVAL_RUNTIMES, default="pytorch",
+                   help="pytorch (--amp), or int8 on the CPU: what serving with UNET_RUNTIME=int8 would score")
     p.add_argument("--boundary-width", type=int, default=3, help="boundary IoU band width in pixels")
     p.add_argument("--worst", type=int, default=5, help="how many worst images to show")
     p.add_argument("--speed-test", action=argparse.BooleanOptionalAction, default=True, help="time the model")
@@ -519,6 +536,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return run_evaluation(args.checkpoint, args.project_dir, args.output, split_file=args.split_file,
                               device=args.device, mode=args.mode, overlap=args.overlap, amp=args.amp,
+                              runtime=args.runtime,
                               boundary_width=args.boundary_width, worst=args.worst, speed=args.speed_test,
                               speed_batch=args.speed_batch, progress=progress)
     finally:

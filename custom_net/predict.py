@@ -23,8 +23,8 @@ import torch
 
 from custom_net.export import RUNTIMES, OnnxRuntimeModel, export_onnx
 from custom_net.inference import (INFERENCE_MODES, TrainedModel, convert_prediction_to_sly_format, load_trained_model,
-                                  predict_masks, prepare_fast_model, resolve_checkpoint, run_info_dir)
-from custom_net.quantize import CALIBRATION_FILE, load_calibration_images, quantize_int8
+                                  predict_masks, prepare_fast_model, resolve_checkpoint)
+from custom_net.quantize import CALIBRATION_FILE, quantize_trained
 from custom_net.preprocessing import ImageReadError, read_image_rgb
 from custom_net.utils import AMP_MODES, resolve_amp, select_device
 from custom_net.visualize import overlay, save_png
@@ -76,9 +76,7 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", runtime: str = 
         raise ValueError(f"the int8 runtime runs on the CPU, not {torch_device}: use --device cpu")
     trained = load_trained_model(checkpoint, torch_device)
     if runtime == "int8":
-        calibration = load_calibration_images(run_info_dir(checkpoint) / CALIBRATION_FILE,
-                                              trained.input_height, trained.input_width)
-        return Predictor(trained, quantize_int8(trained.model, calibration), torch_device, None, runtime)
+        return Predictor(trained, quantize_trained(trained), torch_device, None, runtime)
     if runtime == "onnx":
         path = export_onnx(checkpoint, onnx_path)
         return Predictor(trained, OnnxRuntimeModel(path, torch_device), torch_device, None, runtime)
@@ -124,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="images (whole) or tiles (sliding) per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--runtime", choices=RUNTIMES, default="pytorch",
-                        help="pytorch (float, --amp); int8 (CPU, about twice as fast as bf16 there; needs the run's "
+                        help="pytorch (float, --amp); int8 (CPU, 1.2-1.8x the speed of bf16 there; needs the run's "
                              f"info/{CALIBRATION_FILE}); onnx (ONNX Runtime, float32)")
     parser.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast dtype for the pytorch runtime")
     args = parser.parse_args(argv)

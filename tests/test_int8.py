@@ -93,6 +93,9 @@ def test_calibration_file_must_match_the_model(tmp_path):
     quantize.save_calibration_images(path, _images(40, 32, 48))
     images = load_calibration_images(path, 32, 48)
     assert images.shape == (quantize.MAX_CALIBRATION_IMAGES, 32, 48, 3)
+    assert np.array_equal(images[0], _images(40, 32, 48)[0])  # spread over the set, the first included
+    large = np.zeros((20, 1024, 512, 3), np.uint8)  # a large training size: fewer images, a bounded file
+    assert quantize.pick_calibration_images(large).shape == (2, 1024, 512, 3)
     with pytest.raises(QuantizationError, match=r"calibration_images.npz: expected uint8 images of shape \(N, 64, 48, 3\)"):
         load_calibration_images(path, 64, 48)
     path.write_bytes(b"not a zip")

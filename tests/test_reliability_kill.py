@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -128,6 +129,9 @@ def assert_every_file_loads(run: Path) -> None:
                 image.load()  # raises when pixel data is cut short
         elif name.endswith(".py"):
             ast.parse(path.read_text(encoding="utf-8"))
+        elif name.endswith(".npz"):
+            with np.load(path) as saved:  # the int8 runtime's calibration images
+                assert saved["images"].dtype == np.uint8, path
         else:
             raise AssertionError(f"unexpected file {path}")
 

@@ -120,7 +120,7 @@ def test_upload_retries_and_never_stores_a_file_twice(platform, tmp_path):
     platform.fail("file-storage.bulk.upload", "drop")  # batch 1, first try
     platform.handlers["file-storage.bulk.upload"] = answer_lost_once
     platform.fail("file-storage.list", 500)  # retried by the SDK
-    result = _upload(platform, run, "--timeout", "0.2")
+    result = _upload(platform, run, "--timeout", "30")  # no answer is late here but the injected ones
     assert result.returncode == 0, result.stderr[-3000:]
     remote = "/unet/42_exp_000/"  # the folder was taken: named as the SDK names it
     assert f"to Team Files {remote}" in result.stdout
@@ -154,7 +154,8 @@ def test_upload_gives_up_keeps_the_run_and_prints_the_command(platform, tmp_path
 
     upload = platform.handlers["file-storage.bulk.upload"]
     platform.handlers["file-storage.bulk.upload"] = first_batch_only
-    result = _upload(platform, run, "--timeout", "0.2")
+    # A generous timeout: were the first batch's answer late, its retry would skip it and count one call fewer.
+    result = _upload(platform, run, "--timeout", "30")
     assert result.returncode == 1
     assert "uploading the artifacts to /unet/42_exp/ failed 2 time(s) in a row: 503 Server Error" in result.stderr
     assert f"The artifacts are kept in {run}; upload them later with:" in result.stderr

@@ -23,7 +23,7 @@ import pytest
 import requests
 import supervisely as sly
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_TRAIN_ARGS
 from tests.test_serve_export import CLASSES, lemons_images, make_run, png_declaring
 from custom_net.predict import load_predictor
 from custom_net.preprocessing import read_image_rgb
@@ -319,3 +319,33 @@ def test_on_the_platform_the_checkpoint_and_run_info_come_from_team_files(run, t
     with pytest.raises(pytest.fail.Exception, match="/unet/7_lemons/info/model_classes.json not found"):
         Server(None, tmp_path / "app2", platform)
     team_files.shutdown()
+
+
+def test_int8_runtime_on_the_platform_with_the_runs_calibration_images(tiny_project, tmp_path):
+    from custom_net.train import main as train
+
+    run = tmp_path / "run"
+    train([*TINY_TRAIN_ARGS, "--project-dir", str(tiny_project), "--epochs", "4", "--amp", "off", "--no-eval",
+           "--output", str(run)])
+    storage = tmp_path / "storage"
+    shutil.copytree(run, storage / "unet" / "8_demo")
+    team_files = TeamFiles(storage)
+    best = next((run / "checkpoints").glob("model_*_best.pth")).name
+    platform = {"SERVER_ADDRESS": f"http://127.0.0.1:{team_files.server_port}", "API_TOKEN": "token",
+                "TEAM_ID": "5", "modal.state.slyFile": f"/unet/8_demo/checkpoints/{best}",
+                "modal.state.device": "cpu", "modal.state.runtime": "int8"}
+    server = Server(None, tmp_path / "app", platform)
+    try:
+        info = server.post("get_session_info").json()
+        assert info["runtime"] == "int8" and info["precision"] == "int8" and info["device"] == "cpu"
+        downloads = {path for method, _, path in team_files.calls if method == "file-storage.download"}
+        assert "/unet/8_demo/info/calibration_images.npz" in downloads
+        meta = sly.ProjectMeta.from_json(server.post("get_output_classes_and_tags").json())
+        local = load_predictor(run, "cpu", "int8")  # the same quantization in this process
+        for image_path in sorted((tiny_project / "ds_a" / "img").iterdir())[:3]:
+            image = read_image_rgb(image_path)
+            got = _mask_of(server.infer(image_path.read_bytes(), image_path.name).json()["annotation"], meta)
+            np.testing.assert_array_equal(got, local.masks([image])[0])
+    finally:
+        server.stop()
+        team_files.shutdown()

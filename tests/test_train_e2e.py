@@ -195,6 +195,18 @@ def test_int8_runtime_predicts_like_float32(run_dir, tiny_project, tmp_path):
     assert (int8 == float32).mean() > 0.97
 
 
+def test_evaluate_scores_the_int8_runtime_like_float32(run_dir, tiny_project, tmp_path):
+    from custom_net.evaluate import run_evaluation
+    scores = {}
+    for runtime, amp in (("int8", "auto"), ("pytorch", "off")):
+        result = run_evaluation(run_dir, tiny_project, tmp_path / runtime, split_file=run_dir / "info" / "val_set.json",
+                                device="auto", runtime=runtime, amp=amp, speed=False)
+        metrics = json.loads((tmp_path / runtime / "metrics.json").read_text())
+        assert metrics["amp"] == ("int8" if runtime == "int8" else "float32") and metrics["device"].startswith("CPU ")
+        scores[runtime] = result["headline"]["mean_fg_iou"]
+    assert scores["pytorch"] > 0 and abs(scores["int8"] - scores["pytorch"]) < 0.03
+
+
 def test_int8_runtime_without_calibration_images_says_which_file(run_dir, tmp_path):
     run = tmp_path / "old_run"
     for folder in ("checkpoints", "info"):

@@ -4,7 +4,7 @@
 
 Configuration comes from the environment (see ``DeployConfig.from_env``): the platform passes the
 modal's choices as ``modal.state.slyFile`` / ``modal.state.device``; local use sets ``UNET_CHECKPOINT``
-(a run folder or a .pth) and optionally ``UNET_DEVICE``, ``UNET_RUNTIME`` (pytorch | onnx),
+(a run folder or a .pth) and optionally ``UNET_DEVICE``, ``UNET_RUNTIME`` (pytorch | int8 | onnx),
 ``UNET_AMP``, ``UNET_MAX_PIXELS``, ``UNET_MODEL_DIR``.
 """
 from custom_net.utils import select_device
