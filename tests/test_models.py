@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from custom_net.model import EncoderWeightsMissing, UnknownModelError, build_model, fold_batchnorm, model_list
+from custom_net.model import (EncoderWeightsMissing, EvenOutputConvTranspose2d, UnknownModelError, build_model,
+                              fold_batchnorm, model_list)
 from tests.conftest import shared_path
 
 ARCHITECTURES = sorted(model_list)
@@ -150,3 +151,29 @@ def test_folded_batchnorm_computes_the_same_function(name):
     assert left == 0
     if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
         assert folded is not model
+
+
+@pytest.mark.parametrize("kernel, stride, padding, output_padding", [(3, 2, 0, 0), (3, 2, 1, 0), (5, 3, 1, 2), (4, 2, 1, 0)])
+def test_even_output_transposed_convolution_is_the_same_layer(kernel, stride, padding, output_padding):
+    """Same parameters and, in float32, under bfloat16 autocast and with bfloat16 weights, the same
+    outputs and gradients as nn.ConvTranspose2d (the zero-padded kernel taps only add cropped-off rows)."""
+    torch.manual_seed(0)
+    plain = torch.nn.ConvTranspose2d(8, 6, kernel, stride, padding, output_padding)
+    even = EvenOutputConvTranspose2d(8, 6, kernel, stride, padding, output_padding)
+    even.load_state_dict(plain.state_dict())
+    assert even.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 8, 9, 11).contiguous(memory_format=torch.channels_last)
+    for autocast in (False, True):
+        outputs, grads = [], []
+        for layer in (plain, even):
+            layer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = layer(x)
+            out.float().square().sum().backward()
+            outputs.append(out)
+            grads.append(layer.weight.grad.clone())
+        assert outputs[0].shape == outputs[1].shape and outputs[0].dtype == outputs[1].dtype
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+        torch.testing.assert_close(grads[1], grads[0], rtol=0.02, atol=1e-3)  # bf16 sums in another order
+    with torch.no_grad():
+        torch.testing.assert_close(even.bfloat16()(x.bfloat16()), plain.bfloat16()(x.bfloat16()), rtol=0, atol=0)
