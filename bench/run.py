@@ -47,17 +47,23 @@ def cuda_peak_mb(device) -> float | None:
 
 
 def timed(fn, repeats: int, device=None) -> float:
-    """Seconds per call after one warm-up call."""
+    """Median seconds per call after one warm-up call: a hiccup of the machine (another process, the
+    allocator returning memory) moves a mean of a few calls by tens of percent, a median hardly."""
     import torch
+
+    def sync():
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    sync()
+    seconds = []
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 def project_dir() -> Path:
