@@ -194,11 +194,14 @@ def quantize_int8(model: nn.Module, calibration: np.ndarray, min_class_iou: floa
         warnings.simplefilter("ignore")
         model = copy.deepcopy(model).float().eval()
         inputs = normalize_batch(torch.as_tensor(calibration))
-        # Left in floating point: the logits layer (cheap; rounding logits flips near-even classes) and
-        # transposed convolutions the engine gets wrong (those in bfloat16 where the CPU runs it fast).
-        float_deconvs = _broken_deconvs(model)
+        # Left in floating point: the logits layer (cheap; rounding logits flips near-even classes), and
+        # transposed convolutions the engine gets wrong or that are our own subclasses (those two in
+        # bfloat16 where the CPU runs it fast).
+        custom_types = _custom_layer_types(model)
+        float_deconvs = sorted({*_broken_deconvs(model),
+                                *(name for name, m in model.named_modules() if isinstance(m, tuple(custom_types)))})
         mapping = _qconfig_mapping(model, [_logits_layer(model), *float_deconvs])
-        custom = quantize_fx.PrepareCustomConfig().set_non_traceable_module_classes(_custom_layer_types(model))
+        custom = quantize_fx.PrepareCustomConfig().set_non_traceable_module_classes(custom_types)
         prepared = quantize_fx.prepare_fx(model, mapping, (inputs[:1],), prepare_custom_config=custom)
         with torch.no_grad():
             probs, classes = zip(*(prepared(batch).softmax(1).topk(2, dim=1) for batch in inputs.split(_BATCH)))

@@ -101,3 +101,16 @@ def test_calibration_file_must_match_the_model(tmp_path):
     path.write_bytes(b"not a zip")
     with pytest.raises(QuantizationError, match="calibration_images.npz: not a calibration file"):
         load_calibration_images(path, 32, 48)
+
+
+def test_transposed_convolutions_left_in_floating_point_run_in_bf16_where_fast(tmp_path):
+    from custom_net.model import EvenOutputConvTranspose2d
+    from custom_net.utils import cpu_has_fast_bf16
+    trained = load_trained_model(make_run(tmp_path / "run", "LinkNet34"))
+    quantized = quantize_int8(trained.model, _images(8, 64, 64), min_class_iou=0)
+    layer = quantized.get_submodule("finaldeconv1")
+    if cpu_has_fast_bf16():
+        assert isinstance(layer, quantize._InBfloat16) and layer.layer.weight.dtype == torch.bfloat16
+        layer = layer.layer
+    assert isinstance(layer, EvenOutputConvTranspose2d)  # called as a layer, not traced into
+    assert type(quantized.get_submodule("decoder1.deconv2")).__module__.startswith("torch.ao.nn.quantized")
