@@ -425,8 +425,6 @@ def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str 
     amp_dtype = resolve_amp(amp, device)
     predicting, precision = trained, str(amp_dtype or torch.float32).replace("torch.", "")
     if runtime == "int8":
-        if device.type != "cpu":
-            raise EvalError(f"--runtime int8 runs on the CPU, not {device}: use --device cpu")
         try:
             predicting, amp_dtype, precision = replace(trained, model=quantize_trained(trained)), None, "int8"
         except QuantizationError as e:

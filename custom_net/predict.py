@@ -72,8 +72,6 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", runtime: str = 
     if runtime == "int8" and device == "auto":
         device = "cpu"
     torch_device = select_device(device)
-    if runtime == "int8" and torch_device.type != "cpu":
-        raise ValueError(f"the int8 runtime runs on the CPU, not {torch_device}: use --device cpu")
     trained = load_trained_model(checkpoint, torch_device)
     if runtime == "int8":
         return Predictor(trained, quantize_trained(trained), torch_device, None, runtime)

@@ -120,9 +120,9 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
 
 
-def _logits_layer(model: nn.Module) -> str:
+def _logits_layer(model: nn.Module, custom_types: list[type]) -> str:
     """The module whose output the model returns (through functions such as ``_match``)."""
-    graph = _Tracer(_custom_layer_types(model)).trace(model)
+    graph = _Tracer(custom_types).trace(model)
     node = next(n for n in graph.nodes if n.op == "output")
     while node.op != "call_module":
         node = node.all_input_nodes[0]
@@ -200,7 +200,7 @@ def quantize_int8(model: nn.Module, calibration: np.ndarray, min_class_iou: floa
         custom_types = _custom_layer_types(model)
         float_deconvs = sorted({*_broken_deconvs(model),
                                 *(name for name, m in model.named_modules() if isinstance(m, tuple(custom_types)))})
-        mapping = _qconfig_mapping(model, [_logits_layer(model), *float_deconvs])
+        mapping = _qconfig_mapping(model, [_logits_layer(model, custom_types), *float_deconvs])
         custom = quantize_fx.PrepareCustomConfig().set_non_traceable_module_classes(custom_types)
         prepared = quantize_fx.prepare_fx(model, mapping, (inputs[:1],), prepare_custom_config=custom)
         with torch.no_grad():
@@ -224,6 +224,9 @@ def quantize_int8(model: nn.Module, calibration: np.ndarray, min_class_iou: floa
 
 def quantize_trained(trained) -> nn.Module:
     """``quantize_int8`` of a loaded run (``custom_net.inference.TrainedModel``) with its own calibration images."""
+    device = next(trained.model.parameters()).device
+    if device.type != "cpu":
+        raise QuantizationError(f"the int8 runtime runs on the CPU, not {device}: use --device cpu")
     calibration = load_calibration_images(run_info_dir(trained.checkpoint) / CALIBRATION_FILE,
                                           trained.input_height, trained.input_width)
     return quantize_int8(trained.model, calibration)
