@@ -1,13 +1,14 @@
-"""Serving throughput and latency over HTTP, PyTorch against ONNX Runtime.
+"""Serving throughput and latency over HTTP: PyTorch (fast path, float32, int8) and ONNX Runtime.
 
-    python bench/serve_bench.py                          # a fixed-seed UNet at 256x256, both runtimes
+    python bench/serve_bench.py                          # a fixed-seed UNet at 256x256 (no int8: untrained)
     python bench/serve_bench.py --run results/exp1 --requests 50 --clients 4 --output serve.md   # then add the table to bench/RESULTS.md
 
 For each runtime the serving app runs under uvicorn on 127.0.0.1 (as deployed), and for a 256x256
 and a 1067x800 image (a lemons photo when ../shared is present) it measures sequential latency
 (p50 / p95) and requests per second with one and with ``--clients`` concurrent clients.
 Whole-image mode: both images are resized to the training size, so the difference between them is
-decoding, resizing and encoding the masks.
+decoding, resizing and encoding the masks. The int8 runtime needs a trained run with its calibration
+images (``info/calibration_images.npz``); it is left out for runs without them.
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ import requests
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-# runtime name -> serving app environment: PyTorch on its fast path (bf16 autocast where fast), in float32, ONNX Runtime
+# runtime name -> serving app environment: PyTorch on its fast path (bf16 where fast), in float32 and in int8
+# (CPU only), ONNX Runtime
 VARIANTS = {"pytorch": {"UNET_RUNTIME": "pytorch"}, "pytorch-fp32": {"UNET_RUNTIME": "pytorch", "UNET_AMP": "off"},
-            "onnx": {"UNET_RUNTIME": "onnx"}}
+            "pytorch-int8": {"UNET_RUNTIME": "int8"}, "onnx": {"UNET_RUNTIME": "onnx"}}
+BASELINE = "pytorch-fp32"
 LEMON = REPO.parent / "shared" / "data" / "lemons_test" / "ds1" / "img" / "IMG_0315.jpeg"
 
 
@@ -73,7 +76,9 @@ def start_server(run: Path, runtime: str, workdir: Path) -> tuple[subprocess.Pop
             pass
         time.sleep(0.5)
     process.kill()
-    sys.exit(f"the {runtime} server did not start; see {log.name}")
+    log.close()  # the work folder goes away on exit: show the log's end here
+    tail = "".join(Path(log.name).read_text().splitlines(keepends=True)[-15:])
+    sys.exit(f"the {runtime} server did not start; the end of its log:\n{tail}")
 
 
 def timed_requests(url: str, payload: bytes, count: int) -> list[float]:
@@ -111,10 +116,22 @@ def images() -> dict[str, bytes]:
     return {"256x256 (png)": cv2.imencode(".png", small)[1].tobytes(), f"1067x800 (jpeg, {source})": large}
 
 
+def int8_if_calibrated(run: Path) -> list[str]:
+    """All runtimes, less int8 for a run without calibration images (an untrained or older run)."""
+    from custom_net.inference import resolve_checkpoint, run_info_dir
+    from custom_net.quantize import CALIBRATION_FILE
+
+    if (run_info_dir(resolve_checkpoint(run)) / CALIBRATION_FILE).is_file():
+        return list(VARIANTS)
+    print(f"{run}: no info/{CALIBRATION_FILE}, so no pytorch-int8 rows (pass --run with a trained run)", flush=True)
+    return [runtime for runtime in VARIANTS if runtime != "pytorch-int8"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="run folder or checkpoint (default: a fixed-seed UNet at 256x256)")
-    parser.add_argument("--runtimes", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--runtimes", nargs="+", choices=list(VARIANTS),
+                        help="default: all (pytorch-int8 only for a run with calibration images)")
     parser.add_argument("--requests", type=int, default=30, help="sequential requests per image and runtime")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients for the throughput run")
     parser.add_argument("--output", help="also write the markdown table to this file")
@@ -124,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         run = Path(args.run) if args.run else fixed_seed_run(workdir / "run")
         rows = []
-        for runtime in args.runtimes:
+        for runtime in args.runtimes or int8_if_calibrated(run):
             process, url = start_server(run, runtime, workdir)
             try:
                 info = requests.post(f"{url}/get_session_info", timeout=30).json()
@@ -147,16 +164,15 @@ def main(argv: list[str] | None = None) -> None:
              "| runtime | precision | image | p50 ms | p95 ms | req/s (1 client) | req/s (%d clients) |" % args.clients,
              "|---|---|---|---|---|---|---|"]
     for runtime, info, name, r in rows:
-        precision = "float32" if info["amp"] == "off" or runtime == "onnx" else info["amp"]
-        lines.append(f"| {runtime} | {precision} | {name} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['rps']:.2f} "
+        lines.append(f"| {runtime} | {info['precision']} | {name} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['rps']:.2f} "
                      f"| {r['concurrent_rps']:.2f} |")
     by_key = {(rt, name): r for rt, _, name, r in rows}
     lines.append("")
     for name in dict.fromkeys(name for _, _, name, _ in rows):
-        for baseline in ("pytorch", "pytorch-fp32"):
-            if (baseline, name) in by_key and ("onnx", name) in by_key:
-                ratio = by_key[("onnx", name)]["rps"] / by_key[(baseline, name)]["rps"]
-                lines.append(f"- ONNX Runtime / {baseline} requests per second (1 client), {name}: {ratio:.2f}")
+        for runtime in VARIANTS:
+            if runtime != BASELINE and (runtime, name) in by_key and (BASELINE, name) in by_key:
+                ratio = by_key[(runtime, name)]["rps"] / by_key[(BASELINE, name)]["rps"]
+                lines.append(f"- {runtime} / {BASELINE} requests per second (1 client), {name}: {ratio:.2f}")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

@@ -258,8 +258,8 @@ def test_collapsed_run_warns_with_advice(tiny_project, tmp_path):
 
 # ---- the bench compares like with like ---------------------------------------------------
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+def _bench_module(name: str = "run"):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -292,6 +292,15 @@ def test_bench_infer_rows_rate_the_int8_runtime_against_float32():
     for r in infer["models"].values():  # on a GPU there is no int8 runtime
         del r["int8"], r["int8_load_s"]
     assert "int8" not in bench.table({"infer": infer})
+
+
+def test_serve_bench_measures_int8_only_for_calibrated_runs(tmp_path, capsys):
+    serve_bench = _bench_module("serve_bench")
+    run = serve_bench.fixed_seed_run(tmp_path / "run", size=64)
+    assert serve_bench.int8_if_calibrated(run) == ["pytorch", "pytorch-fp32", "onnx"]
+    assert "no info/calibration_images.npz" in capsys.readouterr().out
+    np.savez(run / "info" / "calibration_images.npz", images=np.zeros((1, 64, 64, 3), np.uint8))
+    assert serve_bench.int8_if_calibrated(run) == ["pytorch", "pytorch-fp32", "pytorch-int8", "onnx"]
 
 
 def test_bench_quality_guard_verdict_weighs_the_seed_noise():
