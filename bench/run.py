@@ -4,6 +4,7 @@
     python bench/run.py --quick         # fewer repetitions (a smoke run, numbers are rough)
     python bench/run.py --record        # also appends the table to bench/RESULTS.md
     python bench/run.py --only train    # sections: data, train, infer, quality
+    python bench/run.py --only quality --seeds 10 --guard-epochs 20   # a longer quality guard
 
 Every section runs in its own process, so its peak RSS is its own. Ratios are what matter:
 both sides of a ratio run on the same machine, in the same bench run.
@@ -285,7 +286,6 @@ def bench_infer(args) -> dict:
 
 # ---- quality guard -----------------------------------------------------------------------
 
-QUALITY_SEEDS = (0, 1, 2, 3, 4)
 
 
 def int8_fidelity(run: Path) -> dict:
@@ -311,13 +311,21 @@ def int8_fidelity(run: Path) -> dict:
             for label, trained in (("float32", predictor.trained), ("int8", replace(predictor.trained, model=predictor.net)))}
 
 
+def paired_se(ours: list[float], baseline: list[float]) -> float:
+    """Standard error of the mean difference: what the seeds' own spread lets the guard resolve. Both
+    sides train from the same seeds (initial weights, batch order, augmentations), so the spread is that
+    of the per-seed differences, without the part the two sides share."""
+    differences = [a - b for a, b in zip(ours, baseline, strict=True)]
+    return statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
+
+
 def bench_quality(args) -> dict:
     """The same seeded training budgets on the demo project with the fast path and in float32, over a
     few seeds: runs whose arithmetic differs in the last bits follow different trajectories, so one
     seed measures that noise as much as the precision. The spread between seeds is reported too."""
     from custom_net.train import main
 
-    epochs, seeds = ("2", QUALITY_SEEDS[:1]) if args.quick else ("8", QUALITY_SEEDS)
+    epochs, seeds = ("2", [0]) if args.quick else (str(args.guard_epochs), list(range(args.seeds)))
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant, extra in (("ours", ["--amp", "auto", "--channels-last"]),
@@ -333,10 +341,9 @@ def bench_quality(args) -> dict:
             result[variant] = {"mean_fg_iou": statistics.fmean(scores), "per_seed": scores,
                                "seed_stdev": statistics.stdev(scores) if len(scores) > 1 else float("nan"),
                                "seconds": (time.perf_counter() - start) / len(seeds)}
-    result["seeds"] = list(seeds)
+    result["seeds"], result["epochs"] = list(seeds), int(epochs)
     result["difference"] = abs(result["ours"]["mean_fg_iou"] - result["baseline"]["mean_fg_iou"])
-    # Standard error of the difference of the two means: what the seeds' own spread lets it resolve.
-    result["difference_se"] = math.sqrt(sum(result[v]["seed_stdev"] ** 2 for v in ("ours", "baseline")) / len(seeds))
+    result["difference_se"] = paired_se(result["ours"]["per_seed"], result["baseline"]["per_seed"])
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
@@ -350,6 +357,7 @@ def run_section(name: str, args) -> dict:
     """Each section in a fresh process: peak memory per section, no warm caches carried over."""
     command = [sys.executable, __file__, "--section", name, "--device", args.device]
     command += ["--quick"] * args.quick + ["--compile"] * args.compile
+    command += ["--seeds", str(args.seeds), "--guard-epochs", str(args.guard_epochs)]
     if args.models:
         command += ["--models", *args.models]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -407,7 +415,8 @@ def table(results: dict) -> str:
                 geomean(r["baseline"] / r["int8"] for r in int8.values()), TARGETS["infer int8 (geomean)"])
     if "quality" in results:
         q = results["quality"]
-        rows.append(f"| quality guard: demo mean fg IoU, mean of {len(q['seeds'])} seed(s) | "
+        budget = f" after {q['epochs']} epochs" if "epochs" in q else ""  # (results from before it was recorded)
+        rows.append(f"| quality guard: demo mean fg IoU{budget}, mean of {len(q['seeds'])} seed(s) | "
                     f"{q['ours']['mean_fg_iou']:.4f} ({q['ours']['seconds']:.0f} s/run) | "
                     f"{q['baseline']['mean_fg_iou']:.4f} ({q['baseline']['seconds']:.0f} s/run) | "
                     f"Δ {q['difference']:.4f} ± {q['difference_se']:.4f} (1 SE) | < 0.01 {guard_verdict(q)} |")
@@ -447,6 +456,12 @@ def machine() -> str:
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}{gpu}")
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -454,6 +469,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", help="architectures for train/infer (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
+    parser.add_argument("--seeds", type=positive_int, default=5, help="quality guard: training runs per side (seeds 0..N-1)")
+    parser.add_argument("--guard-epochs", type=positive_int, default=8, help="quality guard: epochs per run")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: one section, JSON out

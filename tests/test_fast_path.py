@@ -271,9 +271,11 @@ def test_bench_quality_guard_row_averages_seeds():
                "ours": {"mean_fg_iou": 0.61, "per_seed": [0.6, 0.62], "seed_stdev": 0.014, "seconds": 5.0},
                "baseline": {"mean_fg_iou": 0.59, "per_seed": [0.58, 0.60], "seed_stdev": 0.014, "seconds": 9.0}}
     text = bench.table({"quality": quality})
-    assert "mean of 2 seed(s) | 0.6100 (5 s/run) | 0.5900 (9 s/run) | Δ 0.0200 ± 0.0010 (1 SE) | < 0.01 ❌" in text
+    assert "demo mean fg IoU, mean of 2 seed(s) | 0.6100 (5 s/run) | 0.5900 (9 s/run) | Δ 0.0200 ± 0.0010 (1 SE) | < 0.01 ❌" in text
     assert "0.600, 0.620 (stdev 0.014)" in text and "0.580, 0.600 (stdev 0.014)" in text
     assert "int8" not in text  # results from before the int8 runtime
+    quality["epochs"] = 8
+    assert "demo mean fg IoU after 8 epochs, mean of 2 seed(s) |" in bench.table({"quality": quality})
     quality["int8"] = [{"int8": 0.6, "float32": 0.62}, {"int8": 0.5, "float32": 0.5}, {"refused": "class 2: IoU 0.5"}]
     text = bench.table({"quality": quality})
     assert "best checkpoints (2 of 3): demo mean fg IoU | 0.5500 (int8) | 0.5600 (float32) | Δ -0.0100 |" in text
@@ -304,7 +306,12 @@ def test_serve_bench_measures_int8_only_for_calibrated_runs(tmp_path, capsys):
 
 
 def test_bench_quality_guard_verdict_weighs_the_seed_noise():
-    verdict = _bench_module().guard_verdict
+    bench = _bench_module()
+    verdict = bench.guard_verdict
+    # paired by seed: a shared seed-to-seed swing cancels, a difference that changes sign does not
+    assert bench.paired_se([0.5, 0.6, 0.7], [0.49, 0.59, 0.69]) == pytest.approx(0)
+    assert bench.paired_se([0.5, 0.6], [0.52, 0.58]) == pytest.approx(0.02)
+    assert np.isnan(bench.paired_se([0.5], [0.6]))
     assert verdict({"difference": 0.004, "difference_se": 0.02}) == "✅"
     assert verdict({"difference": 0.016, "difference_se": 0.005}) == "❔ within noise"
     assert verdict({"difference": 0.03, "difference_se": 0.005}) == "❌"
