@@ -286,8 +286,6 @@ def bench_infer(args) -> dict:
 
 # ---- quality guard -----------------------------------------------------------------------
 
-
-
 def int8_fidelity(run: Path) -> dict:
     """Mean foreground IoU on a demo run's validation items of its best checkpoint, predicted in float32
     and by the int8 runtime (calibrated on the run's own calibration images, as serving does it)."""
