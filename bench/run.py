@@ -3,7 +3,7 @@
     python bench/run.py                 # full bench, prints a table of ratios
     python bench/run.py --quick         # fewer repetitions (a smoke run, numbers are rough)
     python bench/run.py --record        # also appends the table to bench/RESULTS.md
-    python bench/run.py --only train    # sections: data, train, infer, quality
+    python bench/run.py --only train    # sections: data, train, feed, infer, quality
     python bench/run.py --only quality --seeds 10 --guard-epochs 20   # a longer quality guard
 
 Every section runs in its own process, so its peak RSS is its own. Ratios are what matter:
@@ -28,11 +28,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 LEMONS = REPO.parent / "shared" / "data" / "lemons_annotated"
-SECTIONS = ("data", "train", "infer", "quality")
+SECTIONS = ("data", "train", "feed", "infer", "quality")
 AUGS_TEMPLATE = "seg_simple_rotate_crop_flipLR_flipUD"
 SIZE = 256
 TARGETS = {"data": 10.0, "data+augs": 10.0, "train (geomean)": 3.0, "infer (geomean)": 3.0,
-           "infer int8 (geomean)": 3.0}
+           "infer int8 (geomean)": 3.0, "feed (cuda)": 0.9}
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def matmul_ceiling(device, dtype, n: int = 2048) -> float:
     return 2 * n**3 / seconds
 
 
-def train_setup(name: str, device, fast: bool, compile_model: bool):
+def train_setup(name: str, device, fast: bool, compile_model: bool, num_classes: int = 3):
     import torch
     from custom_net.loss import build_loss
     from custom_net.model import build_model
@@ -178,11 +178,11 @@ def train_setup(name: str, device, fast: bool, compile_model: bool):
 
     recipe = parse_args(["--project-dir", ".", "--model", name])  # the engine's default recipe, on both sides
     torch.manual_seed(0)
-    model = build_model(name, 3, "none")
+    model = build_model(name, num_classes, "none")
     memory_format = torch.channels_last if fast else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     amp_dtype = resolve_amp("auto" if fast else "off", device)
-    criterion = build_loss(recipe.loss, 3, recipe.jaccard_weight).to(device)
+    criterion = build_loss(recipe.loss, num_classes, recipe.jaccard_weight).to(device)
     optimizer = build_optimizer(recipe.optimizer, parameter_groups(model, recipe.lr, recipe.decoder_lr_factor),
                                 recipe.lr, recipe.momentum, recipe.weight_decay, recipe.nesterov)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -223,6 +223,51 @@ def bench_train(args) -> dict:
             row[f"{variant}_amp"] = str(amp_dtype).replace("torch.", "")
             del model, optimizer
         result["models"][name] = row
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["cuda_peak_mb"] = cuda_peak_mb(device)
+    return result
+
+
+# ---- feeding the device ------------------------------------------------------------------
+
+FEED_MODELS = ("LinkNet34", "UNet11")  # the fastest to train (the hardest to keep fed), and the app's default
+
+
+def bench_feed(args) -> dict:
+    """Fast-path training images/s fed by the engine's own loader (cache, augmentations, worker
+    processes: 8 on a GPU, the ``auto`` setting on a CPU) against the same steps on a synthetic uint8
+    batch already on the device: how much of the device's training speed the loader keeps."""
+    import torch
+    from custom_net import augs, sly_seg_dataset as data
+    from custom_net.utils import resolve_num_workers, select_device, train_one_epoch
+
+    device = select_device(args.device)
+    workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else resolve_num_workers("auto", device)
+    steps, repeats = (2, 1) if args.quick else ((4, 2) if device.type == "cpu" else (50, 3))
+    source = project_dir()
+    project = data.open_project(source)
+    names = [c.name for c in data.build_model_classes(project.meta, None)]
+    prepared = data.PreparedData(data.list_items(project), project.meta, names, SIZE, SIZE)
+    dataset = data.SlySegDataset(prepared, augs.load_augs_config(AUGS_TEMPLATE))
+    loader = data.make_loader(dataset, 8, range(steps * 8), workers, device)
+    generator = torch.Generator().manual_seed(0)
+    synthetic = [(torch.randint(0, 256, (8, SIZE, SIZE, 3), dtype=torch.uint8, generator=generator).to(device),
+                  torch.randint(0, len(names), (8, SIZE, SIZE), dtype=torch.uint8, generator=generator).to(device))] * steps
+    result = {"device": str(device), "workers": workers, "source": source.name, "augs": AUGS_TEMPLATE, "models": {}}
+    try:
+        for name in args.models or FEED_MODELS:
+            model, criterion, optimizer, scaler, amp_dtype, memory_format, clip = train_setup(
+                name, device, True, args.compile, len(names))
+            row = {}
+            for variant, batches in (("synthetic", synthetic), ("loader", loader)):
+                def one_pass():
+                    train_one_epoch(model, criterion, optimizer, batches, device, epoch=1, scaler=scaler,
+                                    amp_dtype=amp_dtype, memory_format=memory_format, clip_grad_norm=clip)
+                row[variant] = steps * 8 / timed(one_pass, repeats, device)
+            result["models"][name] = row
+            del model, optimizer
+    finally:
+        prepared.close()  # (workers still alive keep their open maps of the removed files until this process exits)
     result["peak_rss_mb"] = peak_rss_mb()
     result["cuda_peak_mb"] = cuda_peak_mb(device)
     return result
@@ -348,7 +393,7 @@ def bench_quality(args) -> dict:
 
 # ---- orchestration ---------------------------------------------------------------------
 
-BENCHES = {"data": bench_data, "train": bench_train, "infer": bench_infer, "quality": bench_quality}
+BENCHES = {"data": bench_data, "train": bench_train, "feed": bench_feed, "infer": bench_infer, "quality": bench_quality}
 
 
 def run_section(name: str, args) -> dict:
@@ -356,6 +401,7 @@ def run_section(name: str, args) -> dict:
     command = [sys.executable, __file__, "--section", name, "--device", args.device]
     command += ["--quick"] * args.quick + ["--compile"] * args.compile
     command += ["--seeds", str(args.seeds), "--guard-epochs", str(args.guard_epochs)]
+    command += ["--workers", str(args.workers)] * (args.workers is not None)
     if args.models:
         command += ["--models", *args.models]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -395,6 +441,12 @@ def table(results: dict) -> str:
             geomean(r["baseline"] for r in t["models"].values()), "img/s", geomean(ratios), TARGETS["train (geomean)"])
         rows.append(f"| matmul roof ({t['device']}) | bf16 {t['ceiling_bf16'] / 1e9:.0f} GFLOP/s | "
                     f"fp32 {t['ceiling_fp32'] / 1e9:.0f} GFLOP/s | | |")
+    if "feed" in results:
+        f = results["feed"]
+        target = TARGETS["feed (cuda)"] if f["device"].startswith("cuda") else None  # a GPU target
+        for name, r in f["models"].items():
+            add(f"feed {name} {SIZE}² b8: loader ({f['workers']} workers, {f['source']}, augs) vs synthetic batch "
+                f"on {f['device']}", r["loader"], r["synthetic"], "img/s", r["loader"] / r["synthetic"], target)
     if "infer" in results:
         i = results["infer"]
         ratios = []
@@ -467,6 +519,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", help="architectures for train/infer (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
+    parser.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
+                        help="feed section: loader worker processes (default: 8 on a GPU, none on a CPU)")
     parser.add_argument("--seeds", type=positive_int, default=5, help="quality guard: training runs per side (seeds 0..N-1)")
     parser.add_argument("--guard-epochs", type=positive_int, default=8, help="quality guard: epochs per run")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")

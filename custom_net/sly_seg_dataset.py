@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import supervisely as sly
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from custom_net import augs
 from custom_net.preprocessing import ImageReadError, read_image_rgb, resize_image, resize_mask
@@ -322,6 +322,14 @@ def collate_batch(samples):
     images, masks = zip(*samples)
     return (torch.from_numpy(np.stack([i.numpy() for i in images])),
             torch.from_numpy(np.stack([m.numpy() for m in masks])))
+
+
+def make_loader(dataset: Dataset, batch_size: int, sampler, num_workers: int, device: torch.device) -> DataLoader:
+    """The engine's DataLoader. Workers live for the whole run and keep batches queued; pinned memory
+    makes copies to the GPU asynchronous."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", collate_fn=collate_batch, persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
 
 
 # ---- splits --------------------------------------------------------------------------

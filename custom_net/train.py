@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from custom_net import augs, distributed, sly_seg_dataset as data
 from custom_net.evaluate import evaluate_training_run
@@ -526,11 +525,8 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
     val_set = data.SlySegDataset(val_data)
     sampler = dist_ctx.epoch_sampler(len(train_set), args.seed)
     workers = resolve_num_workers(args.num_workers, device)
-    # Workers live for the whole run and keep batches queued; pinned memory makes copies to the GPU asynchronous.
-    loader_kwargs = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=data.collate_batch,
-                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **loader_kwargs)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=dist_ctx.shard_sampler(len(val_set)), **loader_kwargs)
+    train_loader = data.make_loader(train_set, args.batch_size, sampler, workers, device)
+    val_loader = data.make_loader(val_set, args.batch_size, dist_ctx.shard_sampler(len(val_set)), workers, device)
     scheduler, per_iteration = build_scheduler(args, optimizer, len(train_loader))
     set_bn_momentum(model, args.bn_momentum, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None

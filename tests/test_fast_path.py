@@ -296,6 +296,22 @@ def test_bench_infer_rows_rate_the_int8_runtime_against_float32():
     assert "int8" not in bench.table({"infer": infer})
 
 
+def test_bench_feed_trains_from_the_real_loader_and_a_synthetic_batch(monkeypatch):
+    import argparse
+    bench = _bench_module()
+    monkeypatch.setattr(bench, "SIZE", 64)
+    args = argparse.Namespace(device="cpu", quick=True, models=["UNet"], compile=False, workers=2)
+    result = bench.bench_feed(args)
+    assert result["workers"] == 2 and result["device"] == "cpu"
+    row = result["models"]["UNet"]
+    assert row["loader"] > 0 and row["synthetic"] > 0
+    text = bench.table({"feed": result})
+    assert "| feed UNet 64² b8: loader (2 workers, " in text and "vs synthetic batch on cpu |" in text
+    assert "≥ 0.9×" not in text  # a GPU target
+    result["device"], row["loader"], row["synthetic"] = "cuda", 85.0, 100.0
+    assert "| 85 img/s | 100 img/s | 0.85× | ≥ 0.9× ❌ |" in bench.table({"feed": result})
+
+
 def test_serve_bench_measures_int8_only_for_calibrated_runs(tmp_path, capsys):
     serve_bench = _bench_module("serve_bench")
     run = serve_bench.fixed_seed_run(tmp_path / "run", size=64)
