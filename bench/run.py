@@ -506,10 +506,12 @@ def machine() -> str:
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}{gpu}")
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
+def whole_number(minimum: int):
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
+        return int(text)
+    return parse
 
 
 def main(argv=None) -> int:
@@ -519,10 +521,10 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", help="architectures for train/infer (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
-    parser.add_argument("--workers", type=int, choices=range(0, 65), metavar="N",
+    parser.add_argument("--workers", type=whole_number(0), metavar="N",
                         help="feed section: loader worker processes (default: 8 on a GPU, none on a CPU)")
-    parser.add_argument("--seeds", type=positive_int, default=5, help="quality guard: training runs per side (seeds 0..N-1)")
-    parser.add_argument("--guard-epochs", type=positive_int, default=8, help="quality guard: epochs per run")
+    parser.add_argument("--seeds", type=whole_number(1), default=5, help="quality guard: training runs per side (seeds 0..N-1)")
+    parser.add_argument("--guard-epochs", type=whole_number(1), default=8, help="quality guard: epochs per run")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: one section, JSON out
