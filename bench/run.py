@@ -242,7 +242,9 @@ def bench_feed(args) -> dict:
     from custom_net.utils import resolve_num_workers, select_device, train_one_epoch
 
     device = select_device(args.device)
-    workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else resolve_num_workers("auto", device)
+    workers = args.workers
+    if workers is None:
+        workers = 8 if device.type == "cuda" else resolve_num_workers("auto", device)
     steps, repeats = (2, 1) if args.quick else ((4, 2) if device.type == "cpu" else (50, 3))
     source = project_dir()
     project = data.open_project(source)
@@ -518,7 +520,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--models", nargs="+", help="architectures for train/infer (default: all)")
+    parser.add_argument("--models", nargs="+",
+                        help=f"architectures for train, feed and infer (default: all; feed: {' '.join(FEED_MODELS)})")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
     parser.add_argument("--workers", type=whole_number(0), metavar="N",
