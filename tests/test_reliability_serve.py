@@ -8,6 +8,7 @@ freeze, shutdown) beyond their request body, which needs the platform to mean an
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -112,6 +113,26 @@ def test_settings_must_be_an_object_or_null(server, state, status):
     assert response.status_code == status, response.text[:300]
     if status == 400:
         assert "\"settings\" must be a JSON object" in response.json()["message"]
+
+
+def _rectangle(left, top, right, bottom):
+    return {"points": {"exterior": [[left, top], [right, bottom]], "interior": []}}
+
+
+@pytest.mark.parametrize("state, status", [
+    ({"rectangle": None}, 200), ({"settings": {"rectangle": None}}, 200),  # found by the fuzzer: a 500 before
+    ({"rectangle": _rectangle(4, 2, 30, 20)}, 200), ({"settings": {"rectangle": _rectangle(4, 2, 30, 20)}}, 200),
+    ({"rectangle": 5}, 400), ({"rectangle": {"points": []}}, 400), ({"settings": {"rectangle": "x"}}, 400),
+    ({"rectangle": _rectangle(100, 100, 200, 200)}, 400), ({"settings": {"rectangle": _rectangle(0, 0, 56, 40)}}, 400)])
+def test_rectangle_is_null_or_a_supervisely_rectangle(server, state, status):
+    response = requests.post(f"{server.url}/inference_image", files=[("files", ("a.png", GOOD))],
+                             data={"settings": json.dumps(state)}, timeout=60)
+    assert response.status_code == status, response.text[:300]
+    if status == 400:
+        assert re.search("rectangle must be null or a Supervisely rectangle|does not lie inside image 1 [(]56x40[)]",
+                         response.json()["message"])
+    else:
+        assert response.json()["annotation"]["size"] == {"height": 40, "width": 56}  # cropped, then placed back
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -67,6 +67,35 @@ def parse_settings(settings: Dict[str, Any]) -> InferenceSettings:
     return InferenceSettings(mode, float(overlap), tile_batch)
 
 
+def _without_null_rectangle(fields: dict, where: str) -> dict:
+    """``fields`` without a null ``rectangle`` (no crop); any other rectangle must be one the SDK can crop with."""
+    if "rectangle" not in fields:
+        return fields
+    rectangle = fields["rectangle"]
+    if rectangle is None:
+        return {k: v for k, v in fields.items() if k != "rectangle"}
+    try:
+        sly.Rectangle.from_json(rectangle)
+    except Exception:  # the SDK's parser raises anything from KeyError to TypeError on malformed JSON
+        raise InvalidSettings(f"{where}rectangle must be null or a Supervisely rectangle "
+                              "{\"points\": {\"exterior\": [[left, top], [right, bottom]], \"interior\": []}}, "
+                              f"got {json.dumps(rectangle)[:80]}") from None
+    return fields
+
+
+def check_rectangle_fits(state: dict, images: list) -> None:
+    """The SDK crops every image to the request's rectangle (``state`` wins over its settings, as in the SDK)
+    and fails on one that does not lie inside an image."""
+    rectangle = state["rectangle"] if "rectangle" in state else state["settings"].get("rectangle")
+    if rectangle is None:
+        return
+    rect = sly.Rectangle.from_json(rectangle)
+    for number, image in enumerate(images, 1):
+        if not sly.Rectangle.from_array(image).contains(rect):
+            raise InvalidSettings(f"rectangle (left {rect.left}, top {rect.top}, right {rect.right}, bottom {rect.bottom}) "
+                                  f"does not lie inside image {number} ({image.shape[1]}x{image.shape[0]})")
+
+
 def parse_state(text: str) -> dict:
     """The form field ``settings`` (or ``state``) of an upload: ``{"settings": {...}, "batch_size": N}``."""
     try:
@@ -79,9 +108,11 @@ def parse_state(text: str) -> dict:
     if unknown:
         raise InvalidSettings(f"unknown request key(s) {', '.join(map(repr, unknown))}; accepted: "
                               f"{', '.join(sorted(STATE_KEYS))} (inference settings go inside \"settings\")")
+    state = _without_null_rectangle(state, "")
     settings = {} if state.get("settings") is None else state["settings"]
     if not isinstance(settings, dict):
         raise InvalidSettings(f"\"settings\" must be a JSON object, got {json.dumps(settings)[:80]}")
+    settings = _without_null_rectangle(settings, "settings.")
     parse_settings({**DEFAULT_SETTINGS, **settings})
     batch_size = state.get("batch_size")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -296,12 +327,14 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
             if len(files) != 1:
                 raise HTTPException(status_code=400, detail=f"Only one file expected but got {len(files)}")
             images = self._decode_uploads(files)
+            check_rectangle_fits(request_state, images)
             results = self.inference_requests_manager.run(self._inference_images, images, request_state)
             return self._get_single_inference_result(results)
 
         def inference_batch(files: List[UploadFile], settings: str = Form("{}"), state: str = Form("{}")):
             request_state = parse_state(settings if state in ("", "{}") else state)
             images = self._decode_uploads(files)
+            check_rectangle_fits(request_state, images)
             return self.inference_requests_manager.run(self._inference_images, images, request_state)
 
         _replace_post_route(server, "/inference_image", inference_image)
