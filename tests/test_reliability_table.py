@@ -132,6 +132,11 @@ FAULTS = [
           "400: `\"settings\" must be a JSON object, got []`; before, it passed the check and the SDK's own code "
           "answered 500. `null` still means no settings (200)",
           (SERVE + "test_settings_must_be_an_object_or_null",)),
+    Fault("serve", "An upload whose `rectangle` (in the request or in its settings) is `null`, malformed JSON, or a "
+                   "rectangle that does not lie inside the image; `null` was found by the fuzzer",
+          "`null`: no crop (200); malformed: 400 `rectangle must be null or a Supervisely rectangle …`; outside: 400 "
+          "`rectangle (…) does not lie inside image 1 (56x40)`. Before, the SDK's crop answered 500 to all three",
+          (SERVE + "test_rectangle_is_null_or_a_supervisely_rectangle",)),
     Fault("serve", "150 generated bodies for the info routes (random bytes, any JSON, objects whose `context`, "
                    "`state`, `api_token`, `server_address` have any type; any content type) and non-object JSON "
                    "for the platform-only routes",
