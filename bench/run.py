@@ -74,6 +74,14 @@ def project_dir() -> Path:
     return demo_project_dir()
 
 
+def open_bench_project():
+    """(folder, project, items, model classes with __bg__) of the data the bench loads."""
+    from custom_net import sly_seg_dataset as data
+    source = project_dir()
+    project = data.open_project(source)
+    return source, project, data.list_items(project), data.build_model_classes(project.meta, None)
+
+
 # ---- data pipeline ---------------------------------------------------------------------
 
 class NaiveDataset:
@@ -113,10 +121,7 @@ def bench_data(args) -> dict:
     from custom_net import augs, sly_seg_dataset as data
     from custom_net.preprocessing import normalize_batch
 
-    source = project_dir()
-    project = data.open_project(source)
-    items = data.list_items(project)
-    model_classes = data.build_model_classes(project.meta, None)
+    source, project, items, model_classes = open_bench_project()
     names = [c.name for c in model_classes]
     colors = [tuple(c.color) for c in model_classes]
     augs_config = augs.load_augs_config(AUGS_TEMPLATE)
@@ -246,10 +251,9 @@ def bench_feed(args) -> dict:
     if workers is None:
         workers = 8 if device.type == "cuda" else resolve_num_workers("auto", device)
     steps, repeats = (2, 1) if args.quick else ((4, 2) if device.type == "cpu" else (50, 3))
-    source = project_dir()
-    project = data.open_project(source)
-    names = [c.name for c in data.build_model_classes(project.meta, None)]
-    prepared = data.PreparedData(data.list_items(project), project.meta, names, SIZE, SIZE)
+    source, project, items, model_classes = open_bench_project()
+    names = [c.name for c in model_classes]
+    prepared = data.PreparedData(items, project.meta, names, SIZE, SIZE)
     dataset = data.SlySegDataset(prepared, augs.load_augs_config(AUGS_TEMPLATE))
     loader = data.make_loader(dataset, 8, range(steps * 8), workers, device)
     generator = torch.Generator().manual_seed(0)

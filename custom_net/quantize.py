@@ -84,7 +84,7 @@ def _quantization_api():
     return quantization, quantize_fx
 
 
-def _qconfig_mapping(model: nn.Module, keep_float: list[str]):
+def _qconfig_mapping(keep_float: list[str]):
     """The engine's default int8 settings, with 8-bit activations where the CPU has VNNI (the default's
     7 bits guard older kernels against saturation, and double the rounding error), and the modules
     named in ``keep_float`` left unquantized."""
@@ -200,7 +200,7 @@ def quantize_int8(model: nn.Module, calibration: np.ndarray, min_class_iou: floa
         custom_types = _custom_layer_types(model)
         float_deconvs = sorted({*_broken_deconvs(model),
                                 *(name for name, m in model.named_modules() if isinstance(m, tuple(custom_types)))})
-        mapping = _qconfig_mapping(model, [_logits_layer(model, custom_types), *float_deconvs])
+        mapping = _qconfig_mapping([_logits_layer(model, custom_types), *float_deconvs])
         custom = quantize_fx.PrepareCustomConfig().set_non_traceable_module_classes(custom_types)
         prepared = quantize_fx.prepare_fx(model, mapping, (inputs[:1],), prepare_custom_config=custom)
         with torch.no_grad():
