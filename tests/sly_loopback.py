@@ -96,7 +96,8 @@ class LoopbackPlatform:
         self.handlers = {
             "projects.info": self._projects_info, "projects.meta": self._projects_meta,
             "datasets.list": self._datasets_list, "datasets.info": self._datasets_info,
-            "images.list": self._images_list, "images.bulk.download": self._images_bulk_download,
+            "images.list": self._images_list, "images.info": self._images_info,
+            "images.download": self._images_download, "images.bulk.download": self._images_bulk_download,
             "annotations.bulk.info": self._annotations_bulk,
             "file-storage.list": self._files_list, "file-storage.bulk.upload": self._files_upload,
             "file-storage.download": self._files_download,
@@ -186,9 +187,23 @@ class LoopbackPlatform:
                      updatedAt=self.updated_at, fullStorageUrl=f"{self.url}/img/{image_id}")
 
     def _images_list(self, call):
-        ds_id = call.body.get("datasetId")
-        entities = [self._image_info(i, img) for i, img in self._dataset_images(ds_id).items()]
+        """A dataset's images; of those, only the ids asked for with an ``id in [...]`` filter."""
+        images = self._dataset_images(call.body.get("datasetId"))
+        for condition in call.body.get("filter") or []:
+            if condition.get("field") == "id" and condition.get("operator") == "in":
+                images = {i: img for i, img in images.items() if i in condition["value"]}
+        entities = [self._image_info(i, img) for i, img in images.items()]
         return 200, {"total": len(entities), "perPage": 500, "pagesCount": 1, "entities": entities}
+
+    def _images_info(self, call):
+        image_id = call.body.get("id")
+        if image_id not in self.images:
+            return 404, {"error": f"image {image_id} not found"}
+        return 200, self._image_info(image_id, self.images[image_id])
+
+    def _images_download(self, call):
+        image_id = call.body.get("id")
+        return (200, self.images[image_id]["bytes"]) if image_id in self.images else (404, {"error": "image not found"})
 
     def _images_bulk_download(self, call):
         """multipart/mixed, one part per image, named by image id (as the platform answers)."""

@@ -36,6 +36,7 @@ BAD_INPUT = "tests/test_bad_input.py::"
 E2E = "tests/test_train_e2e.py::"
 PLATFORM = "tests/test_reliability_platform.py::"
 SERVE = "tests/test_reliability_serve.py::"
+SERVE_PLATFORM = "tests/test_serve_platform.py::"
 DASHBOARD_LOCAL = "tests/test_dashboard_local.py::"
 DASHBOARD_PLATFORM = "tests/test_dashboard_platform.py::"
 
@@ -121,7 +122,7 @@ FAULTS = [
           "Phase `upload failed`; the card names the kept run folder and the command; the command uploads it and "
           "sets the task output",
           (DASHBOARD_PLATFORM + "test_upload_that_gives_up_keeps_the_run_and_shows_the_command",)),
-    Fault("serve", "300 generated uploads to `/inference_image` and `/inference_batch`: random bytes, truncated or "
+    Fault("serve", "300 generated uploads to `/inference_image`, `/inference_batch` and `/inference_batch_async`: random bytes, truncated or "
                    "corrupted PNGs, PNG headers of any size (0 to 2^32-1), depth and colour type; 0-3 files under "
                    "right or wrong field names and odd file names; settings as random text, any JSON, near-miss "
                    "keys and values",
@@ -132,11 +133,32 @@ FAULTS = [
           "400: `\"settings\" must be a JSON object, got []`; before, it passed the check and the SDK's own code "
           "answered 500. `null` still means no settings (200)",
           (SERVE + "test_settings_must_be_an_object_or_null",)),
-    Fault("serve", "An upload whose `rectangle` (in the request or in its settings) is `null`, malformed JSON, or a "
-                   "rectangle that does not lie inside the image; `null` was found by the fuzzer",
+    Fault("serve", "A request (upload or image id) whose `rectangle` (in the request or in its settings) is `null`, "
+                   "malformed JSON, or a rectangle that does not lie inside the image; `null` was found by the fuzzer",
           "`null`: no crop (200); malformed: 400 `rectangle must be null or a Supervisely rectangle …`; outside: 400 "
-          "`rectangle (…) does not lie inside image 1 (56x40)`. Before, the SDK's crop answered 500 to all three",
-          (SERVE + "test_rectangle_is_null_or_a_supervisely_rectangle",)),
+          "`rectangle (…) does not lie inside a 56x40 image of the request`. Before, the SDK's crop answered 500 "
+          "to all three",
+          (SERVE + "test_rectangle_is_null_or_a_supervisely_rectangle",
+           SERVE_PLATFORM + "test_null_rectangle_and_settings_mean_none",
+           SERVE_PLATFORM + "test_bad_id_requests_get_a_4xx_with_a_message")),
+    Fault("serve", "Requests by image id (`/inference_image_id`, `/inference_batch_ids`) on a loopback platform: no "
+                   "ids, a `null` `batch_ids` beside a good `image_id`, ids that are not positive integers, an id the "
+                   "platform does not have, settings that are not an object, unknown settings or `classes`, a "
+                   "non-integer batch size, no `state` at all",
+          "400 naming the field and what is accepted (`no image ids in the request state: give \"image_id\" …`, "
+          "`unknown class(es) 'kiwii' in \"classes\"; the model predicts …`); 404 for the unknown id. Before, "
+          "the SDK's code answered 500 to all of them but the unknown setting",
+          (SERVE_PLATFORM + "test_bad_id_requests_get_a_4xx_with_a_message",)),
+    Fault("serve", "60 generated request states for the id routes: real and junk ids (any JSON, NaN, Infinity), "
+                   "rectangles in and out of the image, near-miss settings, batch sizes; found `null` ids and "
+                   "`\"classes\": false` (500s before)",
+          "Every answer 2xx, or 4xx with a `message`; never a 5xx",
+          (SERVE_PLATFORM + "test_fuzzed_id_requests_never_crash_the_server",)),
+    Fault("serve", "`/inference_image_url` with a URL that answers 404, one that is not an image, a `file://` URL, "
+                   "no URL",
+          "400: `cannot download (404 …)`, `not a readable image`, `\"image_url\" must be an http(s) URL`; "
+          "before, 500 to all four",
+          (SERVE_PLATFORM + "test_image_url_route",)),
     Fault("serve", "150 generated bodies for the info routes (random bytes, any JSON, objects whose `context`, "
                    "`state`, `api_token`, `server_address` have any type; any content type) and non-object JSON "
                    "for the platform-only routes",

@@ -208,6 +208,7 @@ BAD_REQUESTS = {
                           "huge.png: image of 200000x150000 pixels is larger than the limit"),
     "unknown setting": (None, {"settings": {"confidence": 0.5}}, "unknown inference setting(s) 'confidence'"),
     "bad mode": (None, {"settings": {"mode": "tiles"}}, "mode must be one of whole, sliding"),
+    "unknown class": (None, {"settings": {"classes": ["plum"]}}, "unknown class(es) 'plum' in \"classes\""),
     "bad overlap": (None, {"settings": {"mode": "sliding", "overlap": 1.5}}, "overlap must be a number in [0, 1)"),
     "settings outside 'settings'": (None, {"mode": "sliding"}, "unknown request key(s) 'mode'"),
     "settings not json": (None, "{mode: sliding", "settings is not valid JSON"),

@@ -1,10 +1,14 @@
 """The UNet inference service: ``sly.nn.inference.SemanticSegmentation`` over the engine's ``Predictor``.
 
-Requests go through the SDK's routes and request manager. Two of them, ``/inference_image`` and
-``/inference_batch`` (uploads), are replaced by versions with the same form fields that decode the
-upload with the engine's decoder and check the settings first, so a bad image or an unknown
-setting is a 400 with a message instead of a 500. ``JsonBodyGuard`` does the same for JSON bodies that
-the SDK's middleware cannot read (not an object, not JSON).
+Requests go through the SDK's routes and request manager, with the checks the SDK lacks, so that a bad
+request is a 4xx with a message instead of a 500:
+- the upload routes (``/inference_image``, ``/inference_batch``, ``/inference_batch_async``) and
+  ``/inference_image_url`` are replaced by versions with the same fields that decode the image with the
+  engine's decoder (size limit, clear errors);
+- every inference route's state is checked (``validate_inference_state``): settings, rectangle, batch size;
+  the id routes also check their image ids, and an id the platform does not have is a 404;
+- a rectangle that does not lie inside an image is refused before the SDK crops with it;
+- ``JsonBodyGuard`` refuses JSON bodies that the SDK's middleware cannot read (not an object, not JSON).
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List
 
+import numpy as np
+import requests
 import supervisely as sly
 from fastapi import FastAPI, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
@@ -32,11 +38,17 @@ DEFAULT_SETTINGS = {
 # Keys the SDK itself or the platform's apps put into settings; accepted, the rest is rejected.
 SDK_SETTINGS = {"classes", "rectangle", "sliding_window_mode", "inference_mode", "sliding_window_params"}
 STATE_KEYS = {"settings", "batch_size", "rectangle"}
+IMAGE_ID_KEYS = ("batch_ids", "image_ids", "images_ids", "imageIds", "image_id", "imageId")  # the SDK's, in its order
+MAX_URL_IMAGE_BYTES = 512 * 1024 * 1024
 MAX_TILE_BATCH = 256
 
 
 class InvalidSettings(ValueError):
     """Inference settings or request state the service cannot honour; answered with 400."""
+
+
+class ImageNotFound(LookupError):
+    """A request names an image the platform does not have (or does not show this token); answered with 404."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +58,9 @@ class InferenceSettings:
     tile_batch_size: int
 
 
-def parse_settings(settings: Dict[str, Any]) -> InferenceSettings:
-    """Validate settings (the defaults merged with the request's); the message lists what is accepted."""
+def parse_settings(settings: Dict[str, Any], class_names: List[str] | None = None) -> InferenceSettings:
+    """Validate settings (the defaults merged with the request's); the message lists what is accepted.
+    With ``class_names`` (the model's), the ``classes`` to answer must be among them."""
     unknown = sorted(set(settings) - set(DEFAULT_SETTINGS) - SDK_SETTINGS)
     if unknown:
         raise InvalidSettings(f"unknown inference setting(s) {', '.join(map(repr, unknown))}; "
@@ -64,6 +77,13 @@ def parse_settings(settings: Dict[str, Any]) -> InferenceSettings:
     tile_batch = settings.get("tile_batch_size", DEFAULT_SETTINGS["tile_batch_size"])
     if isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or not 1 <= tile_batch <= MAX_TILE_BATCH:
         raise InvalidSettings(f"tile_batch_size must be an integer from 1 to {MAX_TILE_BATCH}, got {tile_batch!r}")
+    classes = settings.get("classes")
+    if classes not in (None, "all") and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise InvalidSettings(f"classes must be \"all\" or a list of class names, got {json.dumps(classes)[:80]}")
+    unknown = sorted(set(classes) - set(class_names)) if isinstance(classes, list) and class_names is not None else []
+    if unknown:
+        raise InvalidSettings(f"unknown class(es) {', '.join(map(repr, unknown))} in \"classes\"; "
+                              f"the model predicts {', '.join(class_names)}")
     return InferenceSettings(mode, float(overlap), tile_batch)
 
 
@@ -83,20 +103,33 @@ def _without_null_rectangle(fields: dict, where: str) -> dict:
     return fields
 
 
-def check_rectangle_fits(state: dict, images: list) -> None:
-    """The SDK crops every image to the request's rectangle (``state`` wins over its settings, as in the SDK)
-    and fails on one that does not lie inside an image."""
-    rectangle = state["rectangle"] if "rectangle" in state else state["settings"].get("rectangle")
-    if rectangle is None:
+def check_rectangle_fits(settings: dict, images: list) -> None:
+    """The SDK crops every image to the settings' rectangle and fails on one that does not lie inside an image."""
+    if settings.get("rectangle") is None:
         return
-    rect = sly.Rectangle.from_json(rectangle)
-    for number, image in enumerate(images, 1):
+    rect = sly.Rectangle.from_json(settings["rectangle"])
+    for image in images:
         if not sly.Rectangle.from_array(image).contains(rect):
             raise InvalidSettings(f"rectangle (left {rect.left}, top {rect.top}, right {rect.right}, bottom {rect.bottom}) "
-                                  f"does not lie inside image {number} ({image.shape[1]}x{image.shape[0]})")
+                                  f"does not lie inside a {image.shape[1]}x{image.shape[0]} image of the request")
 
 
-def parse_state(text: str) -> dict:
+def check_state(state: dict, class_names: List[str] | None = None) -> dict:
+    """A request state's inference fields checked (settings, rectangle, batch_size); returned with a null
+    rectangle left out and null settings as {}, which is what the SDK's code expects."""
+    state = _without_null_rectangle(state, "")
+    settings = {} if state.get("settings") is None else state["settings"]
+    if not isinstance(settings, dict):
+        raise InvalidSettings(f"\"settings\" must be a JSON object, got {json.dumps(settings)[:80]}")
+    settings = _without_null_rectangle(settings, "settings.")
+    parse_settings({**DEFAULT_SETTINGS, **settings}, class_names)
+    batch_size = state.get("batch_size")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InvalidSettings(f"batch_size must be a positive integer, got {batch_size!r}")
+    return {**state, "settings": settings}
+
+
+def parse_state(text: str, class_names: List[str] | None = None) -> dict:
     """The form field ``settings`` (or ``state``) of an upload: ``{"settings": {...}, "batch_size": N}``."""
     try:
         state = json.loads(text or "{}")
@@ -108,16 +141,7 @@ def parse_state(text: str) -> dict:
     if unknown:
         raise InvalidSettings(f"unknown request key(s) {', '.join(map(repr, unknown))}; accepted: "
                               f"{', '.join(sorted(STATE_KEYS))} (inference settings go inside \"settings\")")
-    state = _without_null_rectangle(state, "")
-    settings = {} if state.get("settings") is None else state["settings"]
-    if not isinstance(settings, dict):
-        raise InvalidSettings(f"\"settings\" must be a JSON object, got {json.dumps(settings)[:80]}")
-    settings = _without_null_rectangle(settings, "settings.")
-    parse_settings({**DEFAULT_SETTINGS, **settings})
-    batch_size = state.get("batch_size")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise InvalidSettings(f"batch_size must be a positive integer, got {batch_size!r}")
-    return {**state, "settings": settings}  # null = none; the SDK's own code wants a dict here
+    return check_state(state, class_names)
 
 
 @dataclass(frozen=True)
@@ -169,9 +193,46 @@ def download_run_files(api: sly.Api, team_id: int, remote_checkpoint: str, local
     return files[str(remote)]
 
 
+def _error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": message, "message": message, "success": False})
+
+
 def _bad_request(request: Request, exc: Exception) -> JSONResponse:
-    message = str(exc)
-    return JSONResponse(status_code=400, content={"detail": message, "message": message, "success": False})
+    return _error_response(400, str(exc))
+
+
+def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    return _error_response(404, str(exc))
+
+
+def check_image_ids(state: dict) -> None:
+    """The image ids of an id route's state: one id or a non-empty list of them, under one of the SDK's keys."""
+    key = next((k for k in IMAGE_ID_KEYS if k in state), None)  # the SDK reads the first one present, even a null
+    if key is None or state[key] is None:
+        raise InvalidSettings("no image ids in the request state: give \"image_id\" (one) or \"batch_ids\" (a list)"
+                              + (f"; \"{key}\" is null" if key else ""))
+    ids = state[key] if isinstance(state[key], list) else [state[key]]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids):
+        raise InvalidSettings(f"\"{key}\" must be a positive integer image id or a non-empty list of them, "
+                              f"got {json.dumps(state[key])[:80]}")
+
+
+def download_url_image(url: Any, max_pixels: int) -> np.ndarray:
+    """The image at ``url`` (http or https), decoded like an upload; anything that goes wrong is a 400."""
+    if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+        raise InvalidSettings(f"\"image_url\" must be an http(s) URL, got {json.dumps(url)[:80]}")
+    chunks, size = [], 0
+    try:
+        with requests.get(url, stream=True, timeout=(10, 60)) as response:
+            response.raise_for_status()
+            for chunk in response.iter_content(1024 * 1024):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_URL_IMAGE_BYTES:
+                    raise InvalidSettings(f"image_url {url}: larger than {MAX_URL_IMAGE_BYTES} bytes")
+    except requests.RequestException as e:
+        raise InvalidSettings(f"image_url {url}: cannot download ({e})") from None
+    return decode_image_rgb(b"".join(chunks), url, max_pixels)
 
 
 MAX_JSON_BODY = 16 * 1024 * 1024  # a JSON request (ids, urls, settings) is small; uploads are multipart
@@ -216,13 +277,11 @@ class JsonBodyGuard:
             more = message.get("more_body", False)
             if size > MAX_JSON_BODY:
                 problem = f"JSON request body larger than {MAX_JSON_BODY} bytes"
-                return await JSONResponse(status_code=413, content={"detail": problem, "message": problem,
-                                                                    "success": False})(scope, receive, send)
+                return await _error_response(413, problem)(scope, receive, send)
         body = b"".join(chunks)
         problem = _json_body_problem(body)
         if problem is not None:
-            return await JSONResponse(status_code=400, content={"detail": problem, "message": problem,
-                                                                "success": False})(scope, receive, send)
+            return await _error_response(400, problem)(scope, receive, send)
         replayed = False
 
         async def replay():  # the body once, then whatever the connection says next
@@ -297,7 +356,7 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
         return self.predict_batch([read_image_rgb(image_path)], settings)[0]
 
     def predict_batch(self, images_np: List, settings: Dict[str, Any]) -> List[List[sly.nn.PredictionSegmentation]]:
-        options = parse_settings(settings)
+        options = parse_settings(settings, self.classes)
         masks = self.predictor.masks(list(images_np), options.mode, options.overlap, options.tile_batch_size)
         return [[sly.nn.PredictionSegmentation(mask)] for mask in masks]
 
@@ -307,6 +366,31 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
         if classes_whitelist in (None, "all"):
             return labels
         return [label for label in labels if label.obj_class.name in classes_whitelist]
+
+    def validate_inference_state(self, state, log_error=True):
+        """Every inference route of the SDK calls this first. A JSON route then goes on with this same dict,
+        so the checked state (no null rectangle, settings a dict) replaces its content."""
+        if state is None:
+            raise InvalidSettings("the request needs a JSON body with a \"state\" object, "
+                                  "e.g. {\"state\": {\"image_id\": 1, \"settings\": {}}}")
+        if isinstance(state, dict):
+            checked = check_state(state, self.classes)
+            state.clear()
+            state.update(checked)
+        super().validate_inference_state(state, log_error)
+
+    def _inference_image_ids(self, api, state, inference_request):
+        check_image_ids(state)
+        try:
+            return super()._inference_image_ids(api, state, inference_request)
+        except KeyError as e:  # how the SDK says the platform has no such image
+            if "Image (id:" in str(e):
+                raise ImageNotFound(e.args[0]) from None
+            raise
+
+    def _inference_batched(self, source, settings, data_to_return):
+        check_rectangle_fits(settings, source)  # before the SDK's crop (a decorator of the parent's method)
+        return super()._inference_batched(source=source, settings=settings, data_to_return=data_to_return)
 
     def _decode_uploads(self, files: List[UploadFile]) -> list:
         images = []
@@ -320,22 +404,39 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
         server = self._app.get_server()
         for error in (InvalidSettings, ImageReadError):
             server.add_exception_handler(error, _bad_request)
+        server.add_exception_handler(ImageNotFound, _not_found)
         server.add_middleware(JsonBodyGuard)  # outermost: runs before the SDK's middleware
 
+        def upload_state(settings: str, state: str) -> dict:
+            return parse_state(settings if state in ("", "{}") else state, self.classes)  # the SDK's rule: "state" wins
+
         def inference_image(files: List[UploadFile], settings: str = Form("{}"), state: str = Form("{}")):
-            request_state = parse_state(settings if state in ("", "{}") else state)
+            request_state = upload_state(settings, state)
             if len(files) != 1:
                 raise HTTPException(status_code=400, detail=f"Only one file expected but got {len(files)}")
             images = self._decode_uploads(files)
-            check_rectangle_fits(request_state, images)
             results = self.inference_requests_manager.run(self._inference_images, images, request_state)
             return self._get_single_inference_result(results)
 
         def inference_batch(files: List[UploadFile], settings: str = Form("{}"), state: str = Form("{}")):
-            request_state = parse_state(settings if state in ("", "{}") else state)
-            images = self._decode_uploads(files)
-            check_rectangle_fits(request_state, images)
-            return self.inference_requests_manager.run(self._inference_images, images, request_state)
+            request_state = upload_state(settings, state)
+            return self.inference_requests_manager.run(self._inference_images, self._decode_uploads(files),
+                                                       request_state)
 
-        _replace_post_route(server, "/inference_image", inference_image)
-        _replace_post_route(server, "/inference_batch", inference_batch)
+        def inference_batch_async(files: List[UploadFile], settings: str = Form("{}"), state: str = Form("{}")):
+            request_state = upload_state(settings, state)
+            inference_request, _ = self.inference_requests_manager.schedule_task(
+                self._inference_images, self._decode_uploads(files), request_state)
+            return {"message": "Scheduled inference task.", "inference_request_uuid": inference_request.uuid}
+
+        def inference_image_url(request: Request):
+            state = getattr(request.state, "state", None)  # unset when the body was not JSON
+            self.validate_inference_state(state)
+            image = download_url_image(state.get("image_url"), self.config.max_pixels)
+            results = self.inference_requests_manager.run(self._inference_images, [image], state)
+            return self._get_single_inference_result(results)
+
+        for path, endpoint in (("/inference_image", inference_image), ("/inference_batch", inference_batch),
+                               ("/inference_batch_async", inference_batch_async),
+                               ("/inference_image_url", inference_image_url)):
+            _replace_post_route(server, path, endpoint)

@@ -1,0 +1,207 @@
+"""The serving app on a platform: its checkpoint and the images to predict come from a loopback Supervisely
+server, and requests name images by id (what the platform's apps send), by URL, or upload them for later.
+
+Predictions are checked against the engine's ``Predictor`` on the same image bytes; bad request states must get
+a 4xx that says what is wrong (the SDK's own code answered 500 to most of them).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+import supervisely as sly
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from custom_net.predict import load_predictor
+from custom_net.preprocessing import decode_image_rgb
+from tests.sly_loopback import LoopbackPlatform
+from tests.test_serve_export import make_run
+from tests.test_serve_http import Server, _assert_agrees, _mask_of
+
+REMOTE_RUN = "/unet/3_tiny/"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("platform_serve") / "run"
+    make_run(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def platform(tiny_project, run):
+    with LoopbackPlatform(tiny_project) as platform:
+        for path in run.rglob("*"):
+            if path.is_file():
+                platform.files[REMOTE_RUN + path.relative_to(run).as_posix()] = path.read_bytes()
+        yield platform
+
+
+@pytest.fixture(scope="module")
+def server(platform, run, tmp_path_factory):
+    checkpoint = next((run / "checkpoints").iterdir()).name
+    server = Server(None, tmp_path_factory.mktemp("platform_app"), {
+        "SERVER_ADDRESS": platform.url, "API_TOKEN": platform.token, "TEAM_ID": str(platform.team_id),
+        "modal.state.slyFile": f"{REMOTE_RUN}checkpoints/{checkpoint}", "modal.state.device": "cpu"})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def predictor(run):
+    return load_predictor(run, "cpu")
+
+
+@pytest.fixture(scope="module")
+def meta(server) -> sly.ProjectMeta:
+    return sly.ProjectMeta.from_json(server.post("get_output_classes_and_tags").json())
+
+
+def _expected_mask(platform, predictor, image_id: int):
+    image = decode_image_rgb(platform.images[image_id]["bytes"], platform.images[image_id]["name"])
+    return predictor.masks([image])[0]
+
+
+def _rectangle(left, top, right, bottom):
+    return {"points": {"exterior": [[left, top], [right, bottom]], "interior": []}}
+
+
+def test_the_sdk_session_client_predicts_platform_images_like_the_engine(server, platform, predictor):
+    """``sly.nn.inference.Session``, the SDK's client that platform apps use, against the served app."""
+    session = sly.nn.inference.Session(sly.Api(platform.url, platform.token), session_url=server.url)
+    assert session.get_session_info()["model_name"] == "UNet"
+    ids = sorted(platform.images)
+    one = session.inference_image_id(ids[0])
+    many = session.inference_image_ids(ids)  # the async id route, polled and collected by the client
+    assert len(many) == len(ids)
+    for image_id, ann in [(ids[0], one), *zip(ids, many)]:
+        size = platform.images[image_id]["size"]
+        assert ann.img_size == (size["height"], size["width"])
+        _assert_agrees(_mask_of(ann.to_json(), session.get_model_meta()), _expected_mask(platform, predictor, image_id))
+    downloads = [c for c in platform.calls if c.method == "images.download"]
+    assert {c.body["id"] for c in downloads} == set(ids)
+    assert all(c.headers.get("x-api-key") == platform.token for c in downloads)
+
+
+def test_a_rectangle_crops_the_platform_image_and_the_answer_keeps_its_size(server, platform, meta, predictor):
+    image_id = sorted(platform.images)[0]
+    image = decode_image_rgb(platform.images[image_id]["bytes"])
+    response = server.post("inference_image_id", json={"state": {"image_id": image_id,
+                                                                  "rectangle": _rectangle(8, 4, 40, 30)}})
+    assert response.status_code == 200, response.text[:300]
+    mask = _mask_of(response.json()["annotation"], meta)
+    assert mask.shape == image.shape[:2]
+    assert not mask[:4].any() and not mask[31:].any() and not mask[:, :8].any() and not mask[:, 41:].any()
+    _assert_agrees(mask[4:31, 8:41], predictor.masks([image[4:31, 8:41]])[0])
+
+
+BAD_ID_STATES = [  # state, status, what the message must say
+    ({}, 400, 'no image ids in the request state: give "image_id"'),
+    ({"batch_ids": None, "image_id": "first"}, 400, '"batch_ids" is null'),  # the SDK reads batch_ids first
+    ({"image_id": "abc"}, 400, '"image_id" must be a positive integer image id'),
+    ({"batch_ids": []}, 400, '"batch_ids" must be a positive integer image id or a non-empty list'),
+    ({"image_id": 99999}, 404, "Image (id: 99999) is either archived, doesn't exist"),
+    ({"image_id": "first", "rectangle": 5}, 400, "rectangle must be null or a Supervisely rectangle"),
+    ({"image_id": "first", "settings": {"rectangle": {"points": []}}}, 400, "settings.rectangle must be null or"),
+    ({"image_id": "first", "rectangle": _rectangle(100, 100, 200, 200)}, 400,
+     "rectangle (left 100, top 100, right 200, bottom 200) does not lie inside a 64x48 image"),
+    ({"image_id": "first", "settings": []}, 400, '"settings" must be a JSON object'),
+    ({"image_id": "first", "settings": {"confidence": 0.5}}, 400, "unknown inference setting(s) 'confidence'"),
+    ({"image_id": "first", "settings": {"mode": "tiles"}}, 400, "mode must be one of whole, sliding"),
+    ({"image_id": "first", "settings": {"classes": False}}, 400, 'classes must be "all" or a list of class names'),
+    ({"image_id": "first", "settings": {"classes": ["kiwii"]}}, 400, "unknown class(es) 'kiwii' in \"classes\""),
+    ({"image_id": "first", "batch_size": 0}, 400, "batch_size must be a positive integer"),
+    (None, 400, 'the request needs a JSON body with a "state" object'),
+]
+
+
+@pytest.mark.parametrize("state, status, message", BAD_ID_STATES)
+def test_bad_id_requests_get_a_4xx_with_a_message(server, platform, state, status, message):
+    if state is not None and state.get("image_id") == "first":
+        state = {**state, "image_id": sorted(platform.images)[0]}
+    for route in ("inference_image_id", "inference_batch_ids"):
+        response = server.post(route, json={} if state is None else {"state": state})
+        assert response.status_code == status, (route, response.text[:300])
+        assert message in response.json()["message"], response.text[:300]
+
+
+@pytest.mark.parametrize("state", [{"rectangle": None}, {"settings": {"rectangle": None}}, {"settings": None}])
+def test_null_rectangle_and_settings_mean_none(server, platform, state):
+    image_id = sorted(platform.images)[0]
+    response = server.post("inference_image_id", json={"state": {"image_id": image_id, **state}})
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["annotation"]["size"] == platform.images[image_id]["size"]
+
+
+@pytest.fixture(scope="module")
+def web(tiny_project):
+    """A plain web server on 127.0.0.1 holding the project's files: where ``image_url`` points."""
+    web = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tiny_project)))
+    web.RequestHandlerClass.log_message = lambda *args: None
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{web.server_port}"
+    web.shutdown()
+
+
+def test_image_url_route(server, web, tiny_project, meta, predictor):
+    path = sorted((tiny_project / "ds_a" / "img").iterdir())[0]
+    response = server.post("inference_image_url", json={"state": {"image_url": f"{web}/ds_a/img/{path.name}"}})
+    assert response.status_code == 200, response.text[:300]
+    _assert_agrees(_mask_of(response.json()["annotation"], meta),
+                   predictor.masks([decode_image_rgb(path.read_bytes())])[0])
+    for state, message in [({"image_url": f"{web}/ds_a/img/missing.png"}, "cannot download (404"),
+                           ({"image_url": f"{web}/meta.json"}, "meta.json: not a readable image"),
+                           ({"image_url": "file:///etc/passwd"}, '"image_url" must be an http(s) URL'),
+                           ({}, '"image_url" must be an http(s) URL, got null')]:
+        response = server.post("inference_image_url", json={"state": state})
+        assert response.status_code == 400 and message in response.json()["message"], response.text[:300]
+
+
+def test_async_upload_route_decodes_and_checks_before_scheduling(server, tiny_project, meta, predictor):
+    path = sorted((tiny_project / "ds_b" / "img").iterdir())[0]
+    response = server.post("inference_batch_async", files=[("files", (path.name, path.read_bytes()))])
+    assert response.status_code == 200, response.text[:300]
+    uuid = response.json()["inference_request_uuid"]
+    deadline = time.monotonic() + 60
+    while not server.post("get_inference_progress", json={"state": {"inference_request_uuid": uuid}}).json()["finished"]:
+        assert time.monotonic() < deadline, "the scheduled request never finished"
+        time.sleep(0.2)
+    results = server.post("pop_inference_results", json={"state": {"inference_request_uuid": uuid}}).json()
+    [result] = results["pending_results"]
+    _assert_agrees(_mask_of(result["annotation"], meta), predictor.masks([decode_image_rgb(path.read_bytes())])[0])
+    for files, form, message in [([("files", ("junk.png", b"junk"))], {}, "junk.png: not a readable image"),
+                                 ([("files", (path.name, path.read_bytes()))], {"settings": '{"mode": "x"}'},
+                                  "unknown request key(s) 'mode'")]:
+        response = server.post("inference_batch_async", files=files, data=form)
+        assert response.status_code == 400 and message in response.json()["message"], response.text[:300]
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                       max_size=3), max_leaves=8)
+rectangles = st.builds(_rectangle, st.integers(-5, 80), st.integers(-5, 60), st.integers(-5, 80), st.integers(-5, 60))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(route=st.sampled_from(["inference_image_id", "inference_batch_ids"]), data=st.data())
+def test_fuzzed_id_requests_never_crash_the_server(server, platform, route, data):
+    ids = st.sampled_from(sorted(platform.images)) | st.integers(-2, 10**6) | json_values
+    state = data.draw(st.fixed_dictionaries({}, optional={
+        "image_id": ids, "batch_ids": st.lists(ids, max_size=3) | json_values, "batch_size": json_values,
+        "rectangle": rectangles | json_values,
+        "settings": json_values | st.fixed_dictionaries({}, optional={
+            "mode": st.sampled_from(["whole", "sliding"]) | json_values, "overlap": json_values,
+            "tile_batch_size": st.integers(-1, 300) | json_values, "rectangle": rectangles | json_values,
+            "classes": st.just(["kiwi"]) | json_values})}))
+    body = json.dumps({"state": state})  # NaN and Infinity included, as Python clients send them
+    response = server.post(route, data=body, headers={"Content-Type": "application/json"})
+    assert response.status_code < 500, (route, state, response.text[:500])
+    if response.status_code >= 400:
+        assert response.json().get("message"), (route, state, response.text[:500])
