@@ -24,12 +24,13 @@ from tests.test_serve_export import make_run, png_declaring
 from tests.test_serve_http import Server
 
 UPLOAD_ROUTES = ("inference_image", "inference_batch", "inference_batch_async")
+REQUEST_ROUTES = ("get_inference_progress", "pop_inference_results", "get_inference_result", "stop_inference",
+                  "clear_inference_request", "get_preparing_progress", "get_inference_status")  # by an _async uuid
 JSON_ROUTES = ("get_session_info", "get_output_classes_and_tags", "get_custom_inference_settings", "get_model_meta",
-               "is_deployed", "get_status", "inference_image_url")
+               "is_deployed", "get_status", "get_deploy_info", "inference_image_url", *REQUEST_ROUTES)
 # platform-only routes: only JSON bodies that are not an object are sent (refused before the route); an object
 # or another content type reaches the route, which locally, without the platform, answers 500
-BODY_ONLY_ROUTES = ("inference_image_id", "inference_batch_ids", "inference_batch_ids_async",
-                    "get_inference_status", "get_deploy_info", "inference_video_id")
+BODY_ONLY_ROUTES = ("inference_image_id", "inference_batch_ids", "inference_batch_ids_async", "inference_video_id")
 RSS_GROWTH_LIMIT_MB = 40
 
 
@@ -148,6 +149,25 @@ def test_fuzzed_json_bodies_never_crash_the_server(server, route, body, content_
         return  # only JSON that is not an object: anything else reaches the route itself
     response = requests.post(f"{server.url}/{route}", data=body, headers={"Content-Type": content_type}, timeout=60)
     _check(response, (route, body[:200], content_type))
+
+
+@pytest.mark.parametrize("route, body, content_type, status, message", [
+    ("get_inference_progress", '{"state": {"inference_request_uuid": "nope"}}', "application/x-www-form-urlencoded",
+     404, "no inference request nope on this server"),  # what `curl -d '{...}'` sends: read as JSON
+    ("get_inference_progress", "", "", 400, 'the request state needs "inference_request_uuid"'),
+    ("pop_inference_results", '{"state": {"inference_request_uuid": 5}}', "application/json", 400,
+     'the request state needs "inference_request_uuid"'),
+    ("get_session_info", "x=1", "application/x-www-form-urlencoded", 415, "the request body must be a JSON object"),
+    ("inference_image_id", '{"state": {"image_id": 1}}', "application/json", 400,
+     "image ids need a Supervisely platform"),
+    ("inference_image_id", "", "", 400, 'the request needs a JSON body with a "state" object'),
+])
+def test_json_routes_read_json_whatever_its_declared_type_and_say_what_is_missing(server, route, body, content_type,
+                                                                                   status, message):
+    """Before, each of these was a 500 from the SDK's code: it reads a body only when declared as JSON."""
+    response = requests.post(f"{server.url}/{route}", data=body, headers={"Content-Type": content_type}, timeout=60)
+    assert response.status_code == status, response.text[:300]
+    assert message in response.json()["message"], response.text[:300]
 
 
 def _is_object(body: bytes) -> bool:

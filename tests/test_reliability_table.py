@@ -159,12 +159,19 @@ FAULTS = [
           "400: `cannot download (404 …)`, `not a readable image`, `\"image_url\" must be an http(s) URL`; "
           "before, 500 to all four",
           (SERVE_PLATFORM + "test_image_url_route",)),
-    Fault("serve", "150 generated bodies for the info routes (random bytes, any JSON, objects whose `context`, "
+    Fault("serve", "150 generated bodies for the info, polling and URL routes (random bytes, any JSON, objects whose `context`, "
                    "`state`, `api_token`, `server_address` have any type; any content type) and non-object JSON "
                    "for the platform-only routes",
           "Same; before, the SDK's middleware answered 500 to a JSON body that is not an object or has a "
           "non-object `context` / `state` or a non-string token or address: now a 400 naming the problem",
           (SERVE + "test_fuzzed_json_bodies_never_crash_the_server",)),
+    Fault("serve", "JSON requests sent the way `curl -d` sends them (declared as a form), with no body at all, or "
+                   "with a body that is not JSON; polling routes with no or an unknown `inference_request_uuid`; "
+                   "an image id sent to a server that has no platform",
+          "JSON is read as JSON whatever its declared type, an empty body as `{}`; otherwise 415 `the request body "
+          "must be a JSON object …`; 400 naming the missing field; 404 `no inference request … on this server`; "
+          "400 `image ids need a Supervisely platform …`. Before, the SDK's code answered 500 to each",
+          (SERVE + "test_json_routes_read_json_whatever_its_declared_type_and_say_what_is_missing",)),
     Fault("serve", "1,000 requests after a 100-request warm-up: good single, batch and sliding inferences, a "
                    "60000x60000 PNG header, noise, bad settings, a wrong field, a truncated PNG",
           "Server RSS (`/proc/PID/status`) grows less than 40 MB (measured: +2 MB on 1,056 MB); the good ones 200, "

@@ -75,7 +75,13 @@ def _rectangle(left, top, right, bottom):
 def test_the_sdk_session_client_predicts_platform_images_like_the_engine(server, platform, predictor):
     """``sly.nn.inference.Session``, the SDK's client that platform apps use, against the served app."""
     session = sly.nn.inference.Session(sly.Api(platform.url, platform.token), session_url=server.url)
-    assert session.get_session_info()["model_name"] == "UNet"
+    info = session.get_session_info()
+    assert info["model_name"] == "UNet"
+    deployed = server.post("get_deploy_info").json()
+    assert deployed["checkpoint_name"] == info["checkpoint_name"] and deployed["model_name"] == "UNet"
+    assert deployed["custom_checkpoint_path"] == f"{REMOTE_RUN}checkpoints/{info['checkpoint_name']}"
+    assert deployed["model_precision"] == {"bfloat16": "BF16", "float32": "FP32"}[info["precision"]]
+    assert deployed["device"] == "cpu" and deployed["runtime"] == "pytorch"
     ids = sorted(platform.images)
     one = session.inference_image_id(ids[0])
     many = session.inference_image_ids(ids)  # the async id route, polled and collected by the client

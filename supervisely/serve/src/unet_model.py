@@ -8,7 +8,9 @@ request is a 4xx with a message instead of a 500:
 - every inference route's state is checked (``validate_inference_state``): settings, rectangle, batch size;
   the id routes also check their image ids, and an id the platform does not have is a 404;
 - a rectangle that does not lie inside an image is refused before the SDK crops with it;
-- ``JsonBodyGuard`` refuses JSON bodies that the SDK's middleware cannot read (not an object, not JSON).
+- the polling routes (``REQUEST_ROUTES``) need a known ``inference_request_uuid`` (else 400 / 404);
+- ``JsonBodyGuard`` reads a JSON body whatever its declared type and refuses one the SDK's middleware
+  cannot read (not an object, not JSON).
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ from typing import Any, Dict, List
 import numpy as np
 import requests
 import supervisely as sly
-from fastapi import FastAPI, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, Form, HTTPException, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from supervisely.nn.inference.inference import get_hardware_info
+from supervisely.nn.utils import CheckpointInfo, ModelPrecision
 
 from custom_net.inference import INFERENCE_MODES, convert_prediction_to_sly_format
 from custom_net.predict import Predictor, load_predictor
@@ -41,14 +45,20 @@ STATE_KEYS = {"settings", "batch_size", "rectangle"}
 IMAGE_ID_KEYS = ("batch_ids", "image_ids", "images_ids", "imageIds", "image_id", "imageId")  # the SDK's, in its order
 MAX_URL_IMAGE_BYTES = 512 * 1024 * 1024
 MAX_TILE_BATCH = 256
+SDK_PRECISIONS = {"float32": ModelPrecision.FP32, "float16": ModelPrecision.FP16, "int8": ModelPrecision.INT8,
+                  "bfloat16": "BF16"}  # (the SDK names no bfloat16)
+# The SDK's routes that look up an inference request by the uuid an _async route answered
+REQUEST_ROUTES = ("/get_inference_progress", "/pop_inference_results", "/get_inference_result", "/stop_inference",
+                  "/clear_inference_request", "/get_preparing_progress", "/get_inference_status")
 
 
 class InvalidSettings(ValueError):
     """Inference settings or request state the service cannot honour; answered with 400."""
 
 
-class ImageNotFound(LookupError):
-    """A request names an image the platform does not have (or does not show this token); answered with 404."""
+class NotFound(LookupError):
+    """A request names an image the platform does not have (or does not show this token), or an inference
+    request this server does not know; answered with 404."""
 
 
 @dataclass(frozen=True)
@@ -257,15 +267,20 @@ def _json_body_problem(body: bytes) -> str | None:
 
 
 class JsonBodyGuard:
-    """ASGI middleware in front of the SDK's: a JSON request with a body the SDK cannot read gets a 400
-    with a message instead of a 500; a good one is passed on unchanged."""
+    """ASGI middleware in front of the SDK's, for every POST but multipart uploads. The SDK reads a request's
+    "state" only from a body declared as JSON and answers 500 to anything it cannot read; here a body that is
+    JSON is read as JSON whatever its declared type (``curl -d`` sends it as a form), an empty one as ``{}``,
+    and any other gets a 4xx with a message."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
-        if b"application/json" not in headers.get(b"content-type", b""):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        content_type = headers.get(b"content-type", b"")
+        if content_type.startswith(b"multipart/"):
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
@@ -278,10 +293,18 @@ class JsonBodyGuard:
             if size > MAX_JSON_BODY:
                 problem = f"JSON request body larger than {MAX_JSON_BODY} bytes"
                 return await _error_response(413, problem)(scope, receive, send)
-        body = b"".join(chunks)
+        body = b"".join(chunks) or b"{}"
         problem = _json_body_problem(body)
         if problem is not None:
+            if b"application/json" not in content_type:
+                problem = ("the request body must be a JSON object (Content-Type: application/json), "
+                           "or multipart/form-data for the upload routes")
+                return await _error_response(415, problem)(scope, receive, send)
             return await _error_response(400, problem)(scope, receive, send)
+        headers[b"content-length"] = str(len(body)).encode()
+        if b"application/json" not in content_type:
+            headers[b"content-type"] = b"application/json"
+        scope = {**scope, "headers": list(headers.items())}
         replayed = False
 
         async def replay():  # the body once, then whatever the connection says next
@@ -292,6 +315,10 @@ class JsonBodyGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+def _post_endpoint(server: FastAPI, path: str):
+    return next(r.endpoint for r in server.router.routes if isinstance(r, APIRoute) and r.path == path)
 
 
 def _replace_post_route(server: FastAPI, path: str, endpoint) -> None:
@@ -331,6 +358,15 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
         # The run's own colours, every class a Bitmap (what a prediction is, whatever shape it was labelled with).
         self._model_meta = sly.ProjectMeta([c.clone(geometry_type=sly.Bitmap) for c in classes])
         self._get_confidence_tag_meta()
+        # What the SDK's /get_deploy_info reports. (Its deploy params stay unset: with them, the SDK would
+        # reload the model through its own loader when it idles on a GPU.)
+        trained = self.predictor.trained
+        self.checkpoint_info = CheckpointInfo(
+            checkpoint_name=trained.checkpoint.name, model_name=trained.model_name, architecture="UNet",
+            custom_checkpoint_path=self.config.checkpoint if self.config.on_platform else None,
+            model_source="Custom models")
+        self.model_precision = SDK_PRECISIONS.get(self.predictor.precision, self.predictor.precision)
+        self._hardware = get_hardware_info(self.device)
 
     def get_classes(self) -> List[str]:
         return self.classes
@@ -379,13 +415,20 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
             state.update(checked)
         super().validate_inference_state(state, log_error)
 
+    def api_from_request(self, request) -> sly.Api:
+        api = super().api_from_request(request)
+        if api is None:  # served locally, and the request brings no platform of its own
+            raise InvalidSettings("image ids need a Supervisely platform: serve the app on one (SERVER_ADDRESS and "
+                                  "API_TOKEN), or send \"server_address\" and \"api_token\" in the request body")
+        return api
+
     def _inference_image_ids(self, api, state, inference_request):
         check_image_ids(state)
         try:
             return super()._inference_image_ids(api, state, inference_request)
         except KeyError as e:  # how the SDK says the platform has no such image
             if "Image (id:" in str(e):
-                raise ImageNotFound(e.args[0]) from None
+                raise NotFound(e.args[0]) from None
             raise
 
     def _inference_batched(self, source, settings, data_to_return):
@@ -404,7 +447,7 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
         server = self._app.get_server()
         for error in (InvalidSettings, ImageReadError):
             server.add_exception_handler(error, _bad_request)
-        server.add_exception_handler(ImageNotFound, _not_found)
+        server.add_exception_handler(NotFound, _not_found)
         server.add_middleware(JsonBodyGuard)  # outermost: runs before the SDK's middleware
 
         def upload_state(settings: str, state: str) -> dict:
@@ -440,3 +483,23 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
                                ("/inference_batch_async", inference_batch_async),
                                ("/inference_image_url", inference_image_url)):
             _replace_post_route(server, path, endpoint)
+        for path in REQUEST_ROUTES:
+            _replace_post_route(server, path, self._checking_request_uuid(_post_endpoint(server, path)))
+
+    def _checking_request_uuid(self, sdk_endpoint):
+        """``sdk_endpoint`` (one of REQUEST_ROUTES), called only for a request state that names a known
+        inference request: the SDK's code answers 500 to a missing or unknown uuid."""
+        def endpoint(response: Response, request: Request):
+            state = getattr(request.state, "state", None)
+            uuid = state.get("inference_request_uuid") if isinstance(state, dict) else None
+            if not isinstance(uuid, str):
+                raise InvalidSettings("the request state needs \"inference_request_uuid\": the string that an "
+                                      "_async inference route answered")
+            if uuid not in self._inference_requests:  # the SDK keeps old-style requests here, the rest in its manager
+                try:
+                    self.inference_requests_manager.get(uuid)
+                except RuntimeError:
+                    raise NotFound(f"no inference request {uuid} on this server (finished ones are "
+                                   "kept for a while, then removed)") from None
+            return sdk_endpoint(response=response, request=request)
+        return endpoint
