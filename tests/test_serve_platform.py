@@ -11,27 +11,18 @@ import threading
 import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import requests
 import supervisely as sly
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from custom_net.predict import load_predictor
 from custom_net.preprocessing import decode_image_rgb
 from tests.sly_loopback import LoopbackPlatform
-from tests.test_serve_export import make_run
 from tests.test_serve_http import Server, _assert_agrees, _mask_of
+from tests.test_serve_http import predictor, run  # noqa: F401  (fixtures: the served run, the engine on it)
 
 REMOTE_RUN = "/unet/3_tiny/"
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("platform_serve") / "run"
-    make_run(root)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +42,6 @@ def server(platform, run, tmp_path_factory):
         "modal.state.slyFile": f"{REMOTE_RUN}checkpoints/{checkpoint}", "modal.state.device": "cpu"})
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def predictor(run):
-    return load_predictor(run, "cpu")
 
 
 @pytest.fixture(scope="module")
