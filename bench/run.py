@@ -5,6 +5,7 @@
     python bench/run.py --record        # also appends the table to bench/RESULTS.md
     python bench/run.py --only train    # sections: data, train, feed, infer, quality
     python bench/run.py --only quality --seeds 10 --guard-epochs 20   # a longer quality guard
+    python bench/run.py --only quality --first-seed 10 --seeds 30     # more seeds for an earlier guard run
 
 Every section runs in its own process, so its peak RSS is its own. Ratios are what matter:
 both sides of a ratio run on the same machine, in the same bench run.
@@ -374,7 +375,8 @@ def bench_quality(args) -> dict:
     seed measures that noise as much as the precision. The spread between seeds is reported too."""
     from custom_net.train import main
 
-    epochs, seeds = ("2", [0]) if args.quick else (str(args.guard_epochs), list(range(args.seeds)))
+    epochs, seeds = ("2", [0]) if args.quick else (str(args.guard_epochs),
+                                                    list(range(args.first_seed, args.first_seed + args.seeds)))
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant, extra in (("ours", ["--amp", "auto", "--channels-last"]),
@@ -406,7 +408,7 @@ def run_section(name: str, args) -> dict:
     """Each section in a fresh process: peak memory per section, no warm caches carried over."""
     command = [sys.executable, __file__, "--section", name, "--device", args.device]
     command += ["--quick"] * args.quick + ["--compile"] * args.compile
-    command += ["--seeds", str(args.seeds), "--guard-epochs", str(args.guard_epochs)]
+    command += ["--seeds", str(args.seeds), "--first-seed", str(args.first_seed), "--guard-epochs", str(args.guard_epochs)]
     command += ["--workers", str(args.workers)] * (args.workers is not None)
     if args.models:
         command += ["--models", *args.models]
@@ -472,7 +474,8 @@ def table(results: dict) -> str:
     if "quality" in results:
         q = results["quality"]
         budget = f" after {q['epochs']} epochs" if "epochs" in q else ""  # (results from before it was recorded)
-        rows.append(f"| quality guard: demo mean fg IoU{budget}, mean of {len(q['seeds'])} seed(s) | "
+        which = f" ({q['seeds'][0]}–{q['seeds'][-1]})" if q["seeds"][0] else ""
+        rows.append(f"| quality guard: demo mean fg IoU{budget}, mean of {len(q['seeds'])} seed(s){which} | "
                     f"{q['ours']['mean_fg_iou']:.4f} ({q['ours']['seconds']:.0f} s/run) | "
                     f"{q['baseline']['mean_fg_iou']:.4f} ({q['baseline']['seconds']:.0f} s/run) | "
                     f"Δ {q['difference']:.4f} ± {q['difference_se']:.4f} (1 SE) | < 0.01 {guard_verdict(q)} |")
@@ -530,7 +533,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
     parser.add_argument("--workers", type=whole_number(0), metavar="N",
                         help="feed section: loader worker processes (default: 8 on a GPU, none on a CPU)")
-    parser.add_argument("--seeds", type=whole_number(1), default=5, help="quality guard: training runs per side (seeds 0..N-1)")
+    parser.add_argument("--seeds", type=whole_number(1), default=5, help="quality guard: training runs per side")
+    parser.add_argument("--first-seed", type=whole_number(0), default=0,
+                        help="quality guard: seeds K..K+N-1 (runs are deterministic: a later run can add seeds)")
     parser.add_argument("--guard-epochs", type=whole_number(1), default=8, help="quality guard: epochs per run")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--json", help="also write the raw results here")

@@ -276,6 +276,7 @@ def test_bench_quality_guard_row_averages_seeds():
     assert "int8" not in text  # results from before the int8 runtime
     quality["epochs"] = 8
     assert "demo mean fg IoU after 8 epochs, mean of 2 seed(s) |" in bench.table({"quality": quality})
+    assert "mean of 2 seed(s) (10–11) |" in bench.table({"quality": {**quality, "seeds": [10, 11]}})
     quality["int8"] = [{"int8": 0.6, "float32": 0.62}, {"int8": 0.5, "float32": 0.5}, {"refused": "class 2: IoU 0.5"}]
     text = bench.table({"quality": quality})
     assert "best checkpoints (2 of 3): demo mean fg IoU | 0.5500 (int8) | 0.5600 (float32) | Δ -0.0100 |" in text
