@@ -77,10 +77,10 @@ def test_the_sdk_session_client_predicts_platform_images_and_projects_like_the_e
         assert ann.img_size == (size["height"], size["width"])
         _assert_agrees(_mask_of(ann.to_json(), session.get_model_meta()), _expected_mask(platform, predictor, image_id))
     project = list(session.inference_project_id_async(platform.project_id))  # what "Apply NN" to a project asks
-    assert sorted(info.image_id for info in project) == ids
-    for info in project:
-        _assert_agrees(_mask_of(info.annotation, session.get_model_meta()),
-                       _expected_mask(platform, predictor, info.image_id))
+    assert sorted(result.image_id for result in project) == ids
+    for result in project:
+        _assert_agrees(_mask_of(result.annotation, session.get_model_meta()),
+                       _expected_mask(platform, predictor, result.image_id))
     downloads = [c for c in platform.calls if c.method == "images.download"]
     assert {c.body["id"] for c in downloads} == set(ids)
     assert all(c.headers.get("x-api-key") == platform.token for c in downloads)
