@@ -1,5 +1,5 @@
 """A Supervisely server on 127.0.0.1 for tests: answers the REST calls the SDK makes to download an
-image project and to upload a folder to Team Files, and records every call.
+image project or single images by id, and to upload a folder to Team Files, and records every call.
 
     with LoopbackPlatform(project_dir) as platform:
         api = sly.Api(platform.url, platform.token)
