@@ -144,10 +144,10 @@ FAULTS = [
     Fault("serve", "Requests by image id (`/inference_image_id`, `/inference_batch_ids`) on a loopback platform: no "
                    "ids, a `null` `batch_ids` beside a good `image_id`, ids that are not positive integers, an id the "
                    "platform does not have, settings that are not an object, unknown settings or `classes`, a "
-                   "non-integer batch size, no `state` at all",
+                   "batch size below 1, no `state` at all",
           "400 naming the field and what is accepted (`no image ids in the request state: give \"image_id\" …`, "
           "`unknown class(es) 'kiwii' in \"classes\"; the model predicts …`); 404 for the unknown id. Before, "
-          "the SDK's code answered 500 to all of them but the unknown setting",
+          "the SDK's code answered 500 to most of them, and an unknown class got an answer with no objects",
           (SERVE_PLATFORM + "test_bad_id_requests_get_a_4xx_with_a_message",)),
     Fault("serve", "60 generated request states for the id routes: real and junk ids (any JSON, NaN, Infinity), "
                    "rectangles in and out of the image, near-miss settings, batch sizes; found `null` ids and "
