@@ -24,6 +24,11 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+# Under this loss scale only gradients beyond ~4e9 still overflow fp16: they are inf/NaN themselves, and the
+# scaler would go on skipping every step (halving the scale each time) without the run ever failing.
+MIN_LOSS_SCALE = 2.0 ** -16
+
+
 class StopRequested(Exception):
     """The user asked to stop (dashboard Stop, SIGTERM); training ends cleanly."""
 
@@ -206,8 +211,13 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, 
             scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
-            if scaler.get_scale() < scale and on_skip is not None:  # the scaler backs off only after a skip
-                on_skip(i + 1)
+            if scaler.get_scale() < scale:  # the scaler backs off only after a skip
+                if on_skip is not None:
+                    on_skip(i + 1)
+                if scaler.get_scale() < MIN_LOSS_SCALE:
+                    raise NonFiniteLoss(f"fp16 gradients were still inf/NaN at epoch {epoch}, iteration {i + 1}, with the "
+                                        f"loss scale down to {scaler.get_scale():g} (the loss was finite; every such step "
+                                        "was skipped); try a lower --lr or --amp bf16 / off")
         else:
             loss.backward()
             # A finite loss can still give inf/NaN gradients; one step with them ruins every weight.

@@ -22,8 +22,8 @@ from custom_net.preprocessing import resize_image, resize_mask
 from custom_net.reporting import Reporter
 from custom_net.train import (COLLAPSE_ROUNDS, FEW_STEPS, ORIGINAL_PRESET, ArgsError, _collapse_warning, build_parser,
                               main, parse_args)
-from custom_net.utils import (build_optimizer, build_scheduler, forward_batch, parameter_groups, resolve_num_workers,
-                              set_bn_momentum, train_one_epoch)
+from custom_net.utils import (NonFiniteLoss, build_optimizer, build_scheduler, forward_batch, parameter_groups,
+                              resolve_num_workers, set_bn_momentum, train_one_epoch)
 from custom_net.validation import ConfusionMatrix, collapsed_class
 
 REPO = Path(__file__).resolve().parent.parent
@@ -377,6 +377,27 @@ def test_fp16_scaler_skips_are_reported():
     train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, [batch], torch.device("cpu"), epoch=1,
                     scaler=scaler, on_skip=skipped.append)
     assert skipped == [1, 2]
+
+
+def test_fp16_gradients_that_stay_nan_stop_the_run():
+    """A finite loss whose gradients are NaN at every step: the scaler skips and halves its scale each time;
+    once the scale is so small that only broken gradients can overflow, the run stops, weights untouched.
+    The early skips of a scale that is merely too large (test above) do not stop anything."""
+    torch.manual_seed(0)
+    model = build_model("UNet", 2, "none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = (torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8), torch.randint(0, 2, (2, 32, 32), dtype=torch.uint8))
+
+    def nan_gradients(logits, masks):  # value 0, but d sqrt(u)/du at u = 0 is inf, times du/dlogit = 0: NaN
+        return torch.sqrt((logits.float() * 0).abs()).sum()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** -12)
+    skipped = []
+    with pytest.raises(NonFiniteLoss, match=r"fp16 gradients were still inf/NaN at epoch 3, iteration 5, with the "
+                                            r"loss scale down to 7\.6\d*e-06"):
+        train_one_epoch(model, nan_gradients, torch.optim.SGD(model.parameters(), lr=0.1), [batch] * 8,
+                        torch.device("cpu"), epoch=3, scaler=scaler, on_skip=skipped.append)
+    assert skipped == [1, 2, 3, 4, 5]  # 2^-12 halved five times: 2^-17, the first scale under 2^-16
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("fp16", [False, True])

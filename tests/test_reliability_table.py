@@ -77,8 +77,11 @@ FAULTS = [
           (NUMERIC + "test_non_finite_stops_naming_epoch_and_iteration[inf-gradient]",)),
     Fault("numeric", "`--amp fp16`: gradients overflow under the gradient scaler",
           "The scaler skips the step (weights unchanged); each skip reaches `on_skip`, the epoch's count is "
-          "recorded as `amp_skipped_steps` in `metrics.jsonl` and reported as a warning naming the iterations",
-          ("tests/test_fast_path.py::test_fp16_scaler_skips_are_reported",)),
+          "recorded as `amp_skipped_steps` in `metrics.jsonl` and reported as a warning naming the iterations. "
+          "Gradients that stay inf/NaN (the scale halved under 2^-16) stop the run with `NonFiniteLoss` naming "
+          "epoch and iteration, weights unchanged",
+          ("tests/test_fast_path.py::test_fp16_scaler_skips_are_reported",
+           "tests/test_fast_path.py::test_fp16_gradients_that_stay_nan_stop_the_run")),
     Fault("storage", "Read-only `--output` (read-only mount)",
           "Before any image is decoded: `--output: cannot write to DIR (read-only or no permission)`, exit code 2",
           (STORAGE + "test_read_only_output_fails_before_training",)),
