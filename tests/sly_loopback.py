@@ -1,5 +1,6 @@
 """A Supervisely server on 127.0.0.1 for tests: answers the REST calls the SDK makes to download an
-image project or single images by id, and to upload a folder to Team Files, and records every call.
+image project or single images by id, to write annotations and classes back to it, and to upload a
+folder to Team Files, and records every call.
 
     with LoopbackPlatform(project_dir) as platform:
         api = sly.Api(platform.url, platform.token)
@@ -89,6 +90,7 @@ class LoopbackPlatform:
         self.stored: list[str] = []  # every Team Files path written, in order (a path twice: uploaded twice)
         self.task_outputs: list[dict] = []
         self.task_fields: list[dict] = []
+        self.project_settings: dict | None = None  # the last projects.settings.update
         self._faults: dict[str, list[int | str]] = defaultdict(list)
         self.stall_seconds = 2.0
         self._lock = threading.Lock()
@@ -98,7 +100,8 @@ class LoopbackPlatform:
             "datasets.list": self._datasets_list, "datasets.info": self._datasets_info,
             "images.list": self._images_list, "images.info": self._images_info,
             "images.download": self._images_download, "images.bulk.download": self._images_bulk_download,
-            "annotations.bulk.info": self._annotations_bulk,
+            "annotations.bulk.info": self._annotations_bulk, "annotations.bulk.add": self._annotations_add,
+            "projects.meta.update": self._projects_meta_update, "projects.settings.update": self._projects_settings_update,
             "file-storage.list": self._files_list, "file-storage.bulk.upload": self._files_upload,
             "file-storage.download": self._files_download,
             "tasks.output.set": self._task_output, "tasks.data.set": self._task_data,
@@ -223,6 +226,38 @@ class LoopbackPlatform:
 
     def _annotations_bulk(self, call):
         return 200, self._annotations(call.body["imageIds"])
+
+    def _projects_meta_update(self, call):
+        if call.body.get("id") != self.project_id:
+            return 404, {"error": "project not found"}
+        self.meta_json = call.body["meta"]
+        return 200, self.meta_json
+
+    def _projects_settings_update(self, call):  # the SDK sends the meta's project settings after each meta update
+        if call.body.get("id") != self.project_id:
+            return 404, {"error": "project not found"}
+        self.project_settings = call.body.get("settings")
+        return 200, {"success": True}
+
+    def _annotations_add(self, call):
+        """Replaces the images' annotations, refused whole (as the platform does) when an image is not in
+        ``datasetId``, a label's class is not in the project's meta or has another shape, or a size is wrong."""
+        classes = {c["title"]: c["shape"] for c in self.meta_json.get("classes", [])}
+        for entry in call.body["annotations"]:
+            img = self.images.get(entry["imageId"])
+            if img is None or img["dataset_id"] != call.body.get("datasetId"):
+                return 400, {"error": f"image {entry['imageId']} is not in dataset {call.body.get('datasetId')}"}
+            ann = entry["annotation"]
+            if ann.get("size") != img["size"]:
+                return 400, {"error": f"image {entry['imageId']}: annotation size {ann.get('size')} != {img['size']}"}
+            for label in ann.get("objects", []):
+                shape = classes.get(label.get("classTitle"))
+                if shape not in (label.get("geometryType"), "any"):
+                    return 400, {"error": f"image {entry['imageId']}: class {label.get('classTitle')!r} "
+                                          f"({label.get('geometryType')}) is not in the project's meta"}
+        for entry in call.body["annotations"]:
+            self.images[entry["imageId"]]["ann"] = entry["annotation"]
+        return 200, {"success": True}
 
     # ---- Team Files
     def _file_info(self, path: str) -> dict:

@@ -1,21 +1,25 @@
 """The serving app on a platform: its checkpoint and the images to predict come from a loopback Supervisely
-server, and requests name images by id (what the platform's apps send), by URL, or upload them for later.
+server, and requests name images by id (what the platform's apps send), by URL, or upload them for later;
+predictions of a whole project can be written back into it.
 
 Predictions are checked against the engine's ``Predictor`` on the same image bytes; bad request states must get
 a 4xx that says what is wrong (the SDK's own code answered 500 to most of them).
 """
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import requests
 import supervisely as sly
 from hypothesis import HealthCheck, given, settings, strategies as st
+from supervisely.annotation.label import LabelingStatus
 
 from custom_net.preprocessing import decode_image_rgb
 from tests.sly_loopback import LoopbackPlatform
@@ -177,6 +181,55 @@ def test_async_upload_route_decodes_and_checks_before_scheduling(server, tiny_pr
                                   "unknown request key(s) 'mode'")]:
         response = server.post("inference_batch_async", files=files, data=form)
         assert response.status_code == 400 and message in response.json()["message"], response.text[:300]
+
+
+def _finish(server, uuid: str, timeout_s: float = 120) -> dict:
+    """Poll a scheduled request until it ends; its last progress answer."""
+    deadline = time.monotonic() + timeout_s
+    while not (progress := server.post("get_inference_progress", json={"state": {"inference_request_uuid": uuid}}).json())["finished"]:
+        assert time.monotonic() < deadline, "the scheduled request never finished"
+        time.sleep(0.2)
+    return progress
+
+
+@pytest.mark.parametrize("upload_mode", ["append", "replace", "iou_merge"])
+def test_predictions_are_written_back_to_the_platform_project(server, platform, predictor, upload_mode):
+    """A project inferred with ``upload_mode`` and no output project (what "Apply NN" does to label the project
+    itself): each image gets one label per predicted class, after its own labels (append, iou_merge: the SDK drops
+    predictions whose box overlaps an own label of the class) or instead of them (replace). The model's classes
+    join the project's meta, as ``<name>_nn`` where the project has the name with another shape."""
+    saved_meta, saved_anns = copy.deepcopy(platform.meta_json), {i: img["ann"] for i, img in platform.images.items()}
+    try:
+        response = server.post("inference_project_id_async",
+                               json={"state": {"projectId": platform.project_id, "upload_mode": upload_mode}})
+        assert response.status_code == 200, response.text[:300]
+        progress = _finish(server, response.json()["inference_request_uuid"])
+        assert progress["exception"] is None and not platform.unknown, (progress["exception"], platform.unknown)
+        assert progress["pending_results"] == len(platform.images), progress  # one (empty) result per image
+        model_classes = [c["title"] for c in server.post("get_output_classes_and_tags").json()["classes"]]
+        project_meta = sly.ProjectMeta.from_json(platform.meta_json)
+        shapes = {c["title"]: c["shape"] for c in saved_meta["classes"]}
+        for name in model_classes[1:]:  # after __bg__
+            renamed = name if shapes.get(name, "bitmap") == "bitmap" else name + "_nn"
+            assert project_meta.get_obj_class(renamed).geometry_type == sly.Bitmap, (name, renamed)
+        for image_id, img in platform.images.items():
+            ann = sly.Annotation.from_json(img["ann"], project_meta)
+            predicted = {label.obj_class.name.removesuffix("_nn"): label for label in ann.labels
+                         if label.status == LabelingStatus.AUTO}
+            own = [label for label in ann.labels if label.status != LabelingStatus.AUTO]
+            assert len(own) == (0 if upload_mode == "replace" else len(saved_anns[image_id]["objects"]))
+            expected = _expected_mask(platform, predictor, image_id)
+            present = {model_classes[i] for i in np.unique(expected) if i}
+            assert len(predicted) == len([lb for lb in ann.labels if lb.status == LabelingStatus.AUTO])  # one per class
+            assert set(predicted) <= present and (upload_mode == "iou_merge" or set(predicted) == present)
+            for name, label in predicted.items():
+                drawn = np.zeros(ann.img_size, np.uint8)
+                label.geometry.draw(drawn, 1)
+                assert ((drawn == 1) == (expected == model_classes.index(name))).mean() >= 0.999, (image_id, name)
+    finally:
+        platform.meta_json = saved_meta
+        for image_id, ann in saved_anns.items():
+            platform.images[image_id]["ann"] = ann
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats() | st.text(max_size=8),
