@@ -544,20 +544,28 @@ def main(argv=None) -> int:
     if args.section:
         print(json.dumps(BENCHES[args.section](args)))
         return 0
-    results = {}
+    results, failed = {}, {}
     for name in args.only:
         started = time.perf_counter()
-        results[name] = run_section(name, args)
-        print(f"[bench] {name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    text = table(results)
+        try:
+            results[name] = run_section(name, args)
+        except RuntimeError as e:  # the other sections still run: a one-shot run on a lent GPU keeps what it got
+            failed[name] = str(e)
+            print(f"[bench] {e}", file=sys.stderr, flush=True)
+            continue
+        # Each section's rows as soon as it ends, and the JSON so far: a run cut short keeps them.
+        print(f"[bench] {name} done in {time.perf_counter() - started:.0f} s\n{table({name: results[name]})}\n",
+              file=sys.stderr, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+    text = table(results) + "".join(f"\n\nSection {name} failed: {error.strip().splitlines()[-1]}"
+                                    for name, error in failed.items())
     header = f"## {datetime.date.today().isoformat()} — {machine()}\n\n`python bench/run.py {' '.join(argv or sys.argv[1:])}`\n\n"
     print(header + text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
     if args.record:
         with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
             f.write("\n" + header + text + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

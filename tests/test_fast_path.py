@@ -297,6 +297,31 @@ def test_bench_infer_rows_rate_the_int8_runtime_against_float32():
     assert "int8" not in bench.table({"infer": infer})
 
 
+def test_a_failed_bench_section_keeps_the_others(monkeypatch, tmp_path, capsys):
+    """A one-shot run on a lent GPU must not lose every table to one failing section: the others still run,
+    each section's rows and the JSON so far appear as it ends, and the run exits 1 naming what failed."""
+    bench = _bench_module()
+    infer = {"device": "cuda", "image": "1067x800 JPEG", "peak_rss_mb": 1.0, "cuda_peak_mb": 2.0,
+             "models": {"UNet": {"baseline": 30.0, "ours": 10.0}}}
+
+    def run_section(name, args):
+        if name == "train":
+            raise RuntimeError("bench section train failed:\nTraceback ...\ntorch.OutOfMemoryError: CUDA out of memory")
+        assert (tmp_path / "b.json").exists() is (name == "quality")  # written after infer, before quality
+        if name == "quality":
+            raise RuntimeError("bench section quality failed:\nValueError: no seeds")
+        return infer
+    monkeypatch.setattr(bench, "run_section", run_section)
+    monkeypatch.setattr(bench, "machine", lambda: "test machine")
+    assert bench.main(["--only", "train", "infer", "quality", "--json", str(tmp_path / "b.json")]) == 1
+    out, err = capsys.readouterr()
+    assert "| infer UNet, one 1067x800 JPEG end to end | 10 ms | 30 ms | 3.00× |  |" in out
+    assert out.rstrip().endswith("Section train failed: torch.OutOfMemoryError: CUDA out of memory\n\n"
+                                 "Section quality failed: ValueError: no seeds")
+    assert "[bench] infer done in" in err and "| infer (geomean) | 10 ms | 30 ms | 3.00× |" in err
+    assert json.loads((tmp_path / "b.json").read_text()) == {"infer": infer}
+
+
 def test_bench_feed_trains_from_the_real_loader_and_a_synthetic_batch(monkeypatch):
     import argparse
     bench = _bench_module()
