@@ -374,7 +374,9 @@ def bench_quality(args) -> dict:
     few seeds: runs whose arithmetic differs in the last bits follow different trajectories, so one
     seed measures that noise as much as the precision. The spread between seeds is reported too."""
     from custom_net.train import main
+    from custom_net.utils import select_device
 
+    on_cpu = select_device(args.device).type == "cpu"  # the int8 runtime is for CPUs: no int8 rows from a GPU run
     epochs, seeds = ("2", [0]) if args.quick else (str(args.guard_epochs),
                                                     list(range(args.first_seed, args.first_seed + args.seeds)))
     result = {}
@@ -387,7 +389,7 @@ def bench_quality(args) -> dict:
                 summary = main(["--demo", "--epochs", epochs, "--seed", str(seed), "--reporter", "none",
                                 "--gpu-id", args.device, "--output", str(run), *extra])
                 scores.append(summary["final"]["mean_fg_iou"])
-                if variant == "ours":
+                if variant == "ours" and on_cpu:
                     result.setdefault("int8", []).append(int8_fidelity(run))
             result[variant] = {"mean_fg_iou": statistics.fmean(scores), "per_seed": scores,
                                "seed_stdev": statistics.stdev(scores) if len(scores) > 1 else float("nan"),
