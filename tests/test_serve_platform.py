@@ -20,6 +20,7 @@ import requests
 import supervisely as sly
 from hypothesis import HealthCheck, given, settings, strategies as st
 from supervisely.annotation.label import LabelingStatus
+from supervisely.nn.model.model_api import ModelAPI
 
 from custom_net.preprocessing import decode_image_rgb
 from tests.sly_loopback import LoopbackPlatform
@@ -88,6 +89,31 @@ def test_the_sdk_session_client_predicts_platform_images_and_projects_like_the_e
     downloads = [c for c in platform.calls if c.method == "images.download"]
     assert {c.body["id"] for c in downloads} == set(ids)
     assert all(c.headers.get("x-api-key") == platform.token for c in downloads)
+
+
+def test_the_sdks_model_api_predicts_by_id_dataset_project_and_file(server, platform, predictor, tmp_path):
+    """``ModelAPI.predict``, the SDK's newer client, copies its own arguments (``show_progress``, ``recursive``,
+    ``conf``, ``img_size`` ...) into the settings: accepted and ignored, where every request used to get a 400."""
+    model = ModelAPI(api=sly.Api(platform.url, platform.token), url=server.url)
+    model_meta = model.get_model_meta()
+    ids = sorted(platform.images)
+    first_dataset = platform.datasets[0]["id"]
+    cases = [(ids[:3], model.predict(image_id=ids[:3], show_progress=False)),
+             ([i for i in ids if platform.images[i]["dataset_id"] == first_dataset],
+              model.predict(dataset_id=first_dataset, show_progress=False)),
+             (ids, model.predict(project_id=platform.project_id, conf=0.5, img_size=640, batch_size=4))]
+    for expected_ids, predictions in cases:
+        assert sorted(p.image_id for p in predictions) == expected_ids
+        for prediction in predictions:
+            _assert_agrees(_mask_of(prediction.annotation.to_json(), model_meta),
+                           _expected_mask(platform, predictor, prediction.image_id))
+    path = tmp_path / platform.images[ids[0]]["name"]
+    path.write_bytes(platform.images[ids[0]]["bytes"])
+    kept = model_meta.obj_classes.keys()[1]
+    [prediction] = model.predict(input=str(path), classes=[kept])  # uploaded by the client
+    expected = _expected_mask(platform, predictor, ids[0])
+    _assert_agrees(_mask_of(prediction.annotation.to_json(), model_meta), np.where(expected == 1, expected, 0))
+    assert {label.obj_class.name for label in prediction.annotation.labels} <= {kept}
 
 
 def test_a_rectangle_crops_the_platform_image_and_the_answer_keeps_its_size(server, platform, meta, predictor):

@@ -40,8 +40,13 @@ DEFAULT_SETTINGS = {
     "tile_batch_size": 4,    # images (whole) or tiles (sliding) per forward pass
 }
 # Keys the SDK itself or the platform's apps put into settings; accepted, the rest is rejected.
-SDK_SETTINGS = {"classes", "rectangle", "sliding_window_mode", "inference_mode", "sliding_window_params"}
-STATE_KEYS = {"settings", "batch_size", "rectangle"}
+SDK_SETTINGS = {"classes", "rectangle", "sliding_window_mode", "inference_mode", "sliding_window_params",
+                "existing_objects_iou_thresh", "device"}
+# The SDK's client (ModelAPI.predict, PredictionSession) copies each of its scalar arguments into settings,
+# even those that only steer the client or have no meaning for semantic segmentation: accepted and ignored.
+CLIENT_SETTINGS = {"show_progress", "recursive", "batch_size", "conf", "img_size", "upload_mode", "tracking",
+                   "output_project_id", "model_prediction_suffix", "iou_merge_threshold", "cache_project_on_model"}
+STATE_KEYS = {"settings", "batch_size", "rectangle", "model_prediction_suffix"}
 IMAGE_ID_KEYS = ("batch_ids", "image_ids", "images_ids", "imageIds", "image_id", "imageId")  # the SDK's, in its order
 MAX_URL_IMAGE_BYTES = 512 * 1024 * 1024
 MAX_TILE_BATCH = 256
@@ -71,7 +76,7 @@ class InferenceSettings:
 def parse_settings(settings: Dict[str, Any], class_names: List[str] | None = None) -> InferenceSettings:
     """Validate settings (the defaults merged with the request's); the message lists what is accepted.
     With ``class_names`` (the model's), the ``classes`` to answer must be among them."""
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS) - SDK_SETTINGS)
+    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS) - SDK_SETTINGS - CLIENT_SETTINGS)
     if unknown:
         raise InvalidSettings(f"unknown inference setting(s) {', '.join(map(repr, unknown))}; "
                               f"valid settings: {', '.join(DEFAULT_SETTINGS)}")
