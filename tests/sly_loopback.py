@@ -97,7 +97,8 @@ class LoopbackPlatform:
         self._load_project(project_dir)
         self.handlers = {
             "projects.info": self._projects_info, "projects.meta": self._projects_meta,
-            "datasets.list": self._datasets_list, "datasets.info": self._datasets_info,
+            "datasets.list": self._datasets_list, "datasets.info": self._datasets_info, "datasets.add": self._datasets_add,
+            "images.bulk.add": self._images_bulk_add,
             "images.list": self._images_list, "images.info": self._images_info,
             "images.download": self._images_download, "images.bulk.download": self._images_bulk_download,
             "annotations.bulk.info": self._annotations_bulk, "annotations.bulk.add": self._annotations_add,
@@ -132,21 +133,35 @@ class LoopbackPlatform:
     def methods(self) -> list[str]:
         return [c.method for c in self.calls]
 
-    # ---- the project
+    # ---- the projects
+    @property
+    def meta_json(self) -> dict:
+        """The meta of the project read from ``project_dir``."""
+        return self.projects[self.project_id]["meta"]
+
+    @meta_json.setter
+    def meta_json(self, meta: dict) -> None:
+        self.projects[self.project_id]["meta"] = meta
+
+    def add_project(self, name: str) -> int:
+        """An empty image project (for writes into another project); its id."""
+        project_id = max(self.projects) + 1
+        self.projects[project_id] = {"name": name, "meta": sly.ProjectMeta().to_json()}
+        return project_id
+
     def _load_project(self, project_dir) -> None:
-        self.meta_json, self.datasets, self.images = {}, [], {}
-        self.project_name = "empty"
+        self.projects = {self.project_id: {"name": "empty", "meta": sly.ProjectMeta().to_json()}}
+        self.datasets, self.images = [], {}
         if project_dir is None:
             return
         project = sly.Project(str(project_dir), sly.OpenMode.READ)
-        self.project_name = project.name
-        self.meta_json = project.meta.to_json()
+        self.projects[self.project_id] = {"name": project.name, "meta": project.meta.to_json()}
         next_image_id = 1000
         for ds_index, dataset in enumerate(sorted(project.datasets, key=lambda d: d.name)):
             if "/" in dataset.name:
                 continue  # nested datasets: not needed by these tests
             ds_id = 100 + ds_index
-            self.datasets.append({"id": ds_id, "name": dataset.name})
+            self.datasets.append({"id": ds_id, "name": dataset.name, "project_id": self.project_id})
             for name in sorted(dataset.get_items_names()):
                 image_path = Path(dataset.get_img_path(name))
                 ann_json = json.loads(Path(dataset.get_ann_path(name)).read_text(encoding="utf-8"))
@@ -157,25 +172,47 @@ class LoopbackPlatform:
     def _dataset_images(self, ds_id):
         return {i: img for i, img in self.images.items() if img["dataset_id"] == ds_id}
 
+    def _project(self, call) -> dict | None:
+        return self.projects.get(call.body.get("id"))
+
     def _projects_info(self, call):
-        return 200, _info(ProjectApi, id=self.project_id, name=self.project_name, type="images",
-                          workspaceId=self.workspace_id, teamId=self.team_id, imagesCount=len(self.images),
-                          datasetsCount=len(self.datasets), updatedAt=self.updated_at,
+        project_id = call.body.get("id")
+        if project_id not in self.projects:
+            return 404, {"error": "project not found"}
+        datasets = [ds["id"] for ds in self.datasets if ds["project_id"] == project_id]
+        return 200, _info(ProjectApi, id=project_id, name=self.projects[project_id]["name"], type="images",
+                          workspaceId=self.workspace_id, teamId=self.team_id,
+                          imagesCount=sum(img["dataset_id"] in datasets for img in self.images.values()),
+                          datasetsCount=len(datasets), updatedAt=self.updated_at,
                           createdAt="2026-01-01T00:00:00.000Z", description="", readme="", customData={},
                           settings={})
 
     def _projects_meta(self, call):
-        return 200, self.meta_json
+        project = self._project(call)
+        return (404, {"error": "project not found"}) if project is None else (200, project["meta"])
 
     def _dataset_info(self, ds):
-        return _info(DatasetApi, id=ds["id"], name=ds["name"], projectId=self.project_id, parentId=None,
+        return _info(DatasetApi, id=ds["id"], name=ds["name"], projectId=ds["project_id"], parentId=None,
                      imagesCount=len(self._dataset_images(ds["id"])), itemsCount=len(self._dataset_images(ds["id"])),
                      description="", teamId=self.team_id, workspaceId=self.workspace_id,
                      createdAt="2026-01-01T00:00:00.000Z", updatedAt=self.updated_at)  # dict fields: unhashable
 
     def _datasets_list(self, call):
-        entities = [self._dataset_info(ds) for ds in self.datasets]
+        """A project's datasets; of those, only the one named by a ``name = ...`` filter."""
+        datasets = [ds for ds in self.datasets if ds["project_id"] == call.body.get("projectId", self.project_id)]
+        for condition in call.body.get("filter") or []:
+            if condition.get("field") == "name" and condition.get("operator") == "=":
+                datasets = [ds for ds in datasets if ds["name"] == condition["value"]]
+        entities = [self._dataset_info(ds) for ds in datasets]
         return 200, {"total": len(entities), "perPage": 500, "pagesCount": 1, "entities": entities}
+
+    def _datasets_add(self, call):
+        if call.body.get("projectId") not in self.projects:
+            return 404, {"error": "project not found"}
+        ds = {"id": max(d["id"] for d in self.datasets) + 1 if self.datasets else 100, "name": call.body["name"],
+              "project_id": call.body["projectId"]}
+        self.datasets.append(ds)
+        return 200, self._dataset_info(ds)
 
     def _datasets_info(self, call):
         ds = next((d for d in self.datasets if d["id"] == call.body.get("id")), None)
@@ -183,7 +220,8 @@ class LoopbackPlatform:
 
     def _image_info(self, image_id, img):
         height, width = img["size"]["height"], img["size"]["width"]
-        return _info(ImageApi, id=image_id, name=img["name"], datasetId=img["dataset_id"], projectId=self.project_id,
+        project_id = next(ds["project_id"] for ds in self.datasets if ds["id"] == img["dataset_id"])
+        return _info(ImageApi, id=image_id, name=img["name"], datasetId=img["dataset_id"], projectId=project_id,
                      ext=Path(img["name"]).suffix.lstrip("."), mime="image/png", size=len(img["bytes"]),
                      width=width, height=height, labelsCount=len(img["ann"].get("objects", [])), tags=[],
                      hash=f"hash{image_id}", meta={}, createdAt="2026-01-01T00:00:00.000Z",
@@ -203,6 +241,21 @@ class LoopbackPlatform:
         if image_id not in self.images:
             return 404, {"error": f"image {image_id} not found"}
         return 200, self._image_info(image_id, self.images[image_id])
+
+    def _images_bulk_add(self, call):
+        """Copies of existing images (``imageId``) into ``datasetId``, without their annotations."""
+        if not any(ds["id"] == call.body.get("datasetId") for ds in self.datasets):
+            return 404, {"error": "dataset not found"}
+        added = []
+        for item in call.body["images"]:
+            source = self.images.get(item.get("imageId"))
+            if source is None:
+                return 400, {"error": f"image {item.get('imageId')} not found"}
+            image_id = max(self.images) + 1
+            self.images[image_id] = {**source, "dataset_id": call.body["datasetId"], "name": item["title"],
+                                     "ann": {"size": source["size"], "tags": [], "objects": []}}
+            added.append(self._image_info(image_id, self.images[image_id]))
+        return 200, added
 
     def _images_download(self, call):
         image_id = call.body.get("id")
@@ -228,13 +281,14 @@ class LoopbackPlatform:
         return 200, self._annotations(call.body["imageIds"])
 
     def _projects_meta_update(self, call):
-        if call.body.get("id") != self.project_id:
+        project = self._project(call)
+        if project is None:
             return 404, {"error": "project not found"}
-        self.meta_json = call.body["meta"]
-        return 200, self.meta_json
+        project["meta"] = call.body["meta"]
+        return 200, project["meta"]
 
     def _projects_settings_update(self, call):  # the SDK sends the meta's project settings after each meta update
-        if call.body.get("id") != self.project_id:
+        if self._project(call) is None:
             return 404, {"error": "project not found"}
         self.project_settings = call.body.get("settings")
         return 200, {"success": True}
@@ -242,7 +296,11 @@ class LoopbackPlatform:
     def _annotations_add(self, call):
         """Replaces the images' annotations, refused whole (as the platform does) when an image is not in
         ``datasetId``, a label's class is not in the project's meta or has another shape, or a size is wrong."""
-        classes = {c["title"]: c["shape"] for c in self.meta_json.get("classes", [])}
+        dataset = next((ds for ds in self.datasets if ds["id"] == call.body.get("datasetId")), None)
+        if dataset is None:
+            return 404, {"error": "dataset not found"}
+        meta = self.projects[dataset["project_id"]]["meta"]
+        classes = {c["title"]: c["shape"] for c in meta.get("classes", [])}
         for entry in call.body["annotations"]:
             img = self.images.get(entry["imageId"])
             if img is None or img["dataset_id"] != call.body.get("datasetId"):

@@ -162,6 +162,15 @@ FAULTS = [
           "400: `cannot download (404 …)`, `not a readable image`, `\"image_url\" must be an http(s) URL`; "
           "before, 500 to all four",
           (SERVE_PLATFORM + "test_image_url_route",)),
+    Fault("serve", "The platform refuses the predictions written back to it (`upload_mode`, `output_project_id`: "
+                   "`annotations.bulk.add` answers 400)",
+          "The request ends with `writing the predictions to the platform failed: 400 …` and the SDK's client raises it. "
+          "Before, the SDK's upload thread dropped the error: a finished request with no results and no error",
+          (SERVE_PLATFORM + "test_a_refused_write_of_predictions_fails_the_request",)),
+    Fault("serve", "The SDK's `ModelAPI.predict` client, which copies its own arguments (`show_progress`, `recursive`, "
+                   "`conf` …) into the settings",
+          "Accepted and ignored; before, every `ModelAPI.predict` call got a 400 for unknown settings",
+          (SERVE_PLATFORM + "test_the_sdks_model_api_predicts_by_id_dataset_project_and_file",)),
     Fault("serve", "150 generated bodies for the info, polling and URL routes (random bytes, any JSON, objects whose `context`, "
                    "`state`, `api_token`, `server_address` have any type; any content type) and non-object JSON "
                    "for the platform-only routes",

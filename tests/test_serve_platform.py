@@ -258,6 +258,54 @@ def test_predictions_are_written_back_to_the_platform_project(server, platform, 
             platform.images[image_id]["ann"] = ann
 
 
+def test_a_refused_write_of_predictions_fails_the_request(server, platform):
+    """The platform refuses the annotations: the client gets the error (the SDK's worker thread dropped it,
+    and the request used to finish as a success with no results)."""
+    saved_anns = {i: img["ann"] for i, img in platform.images.items()}
+    platform.fail("annotations.bulk.add", status=400)
+    try:
+        model = ModelAPI(api=sly.Api(platform.url, platform.token), url=server.url)
+        with pytest.raises(RuntimeError, match=r"writing the predictions to the platform failed: 400 Client Error.*"
+                                               r"annotations\.bulk\.add.*injected fault 400"):
+            model.predict(project_id=platform.project_id, upload_mode="append", show_progress=False)
+    finally:
+        for image_id, ann in saved_anns.items():
+            platform.images[image_id]["ann"] = ann
+
+
+def test_predictions_go_into_another_project_when_asked(server, platform, predictor):
+    """``output_project_id`` (Apply NN into a new project): the SDK copies each image into a dataset of the same
+    name there and uploads the predicted labels; the model's classes become that project's; the source is untouched."""
+    source_anns = {i: copy.deepcopy(img["ann"]) for i, img in platform.images.items()}
+    datasets_before = list(platform.datasets)
+    target = platform.add_project("predictions")
+    try:
+        model = ModelAPI(api=sly.Api(platform.url, platform.token), url=server.url)
+        predictions = model.predict(project_id=platform.project_id, output_project_id=target, show_progress=False)
+        assert sorted(p.image_id for p in predictions) == sorted(source_anns)
+        assert {i: img["ann"] for i, img in platform.images.items() if i in source_anns} == source_anns
+        copied = [ds for ds in platform.datasets if ds["project_id"] == target]
+        assert sorted(ds["name"] for ds in copied) == sorted(ds["name"] for ds in datasets_before)
+        target_meta = sly.ProjectMeta.from_json(platform.projects[target]["meta"])
+        model_meta = model.get_model_meta()
+        assert {(c.name, c.geometry_type) for c in target_meta.obj_classes} <= \
+            {(c.name, sly.Bitmap) for c in model_meta.obj_classes if c.name != "__bg__"}
+        for source_id in source_anns:
+            source = platform.images[source_id]
+            source_dataset = next(ds["name"] for ds in datasets_before if ds["id"] == source["dataset_id"])
+            [copy_id] = [i for i, img in platform.images.items() if img["name"] == source["name"]
+                         and img["dataset_id"] in {ds["id"] for ds in copied if ds["name"] == source_dataset}]
+            assert platform.images[copy_id]["bytes"] == source["bytes"]
+            ann = sly.Annotation.from_json(platform.images[copy_id]["ann"], target_meta)
+            assert all(label.status == LabelingStatus.AUTO for label in ann.labels)
+            _assert_agrees(_mask_of(ann.to_json(), model_meta), _expected_mask(platform, predictor, source_id))
+    finally:
+        for image_id in set(platform.images) - set(source_anns):
+            del platform.images[image_id]
+        platform.datasets[:] = datasets_before
+        del platform.projects[target]
+
+
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats() | st.text(max_size=8),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                        max_size=3), max_leaves=8)

@@ -440,6 +440,19 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
         check_rectangle_fits(settings, source)  # before the SDK's crop (a decorator of the parent's method)
         return super()._inference_batched(source=source, settings=settings, data_to_return=data_to_return)
 
+    def upload_predictions(self, predictions, api, upload_mode, *args, **kwargs):
+        """Writing predictions to the platform (``upload_mode``, ``output_project_id``). The SDK runs this in a
+        worker thread and drops an error raised after the last batch was handed over: the client then saw a
+        finished request with no results. The request records the error, so the client gets it."""
+        try:
+            return super().upload_predictions(predictions, api, upload_mode, *args, **kwargs)
+        except Exception as e:
+            request = kwargs.get("inference_request")
+            if request is not None and request.exception is None:
+                request.exception = RuntimeError(f"writing the predictions to the platform failed: {e} "
+                                                 "(images written before it keep their new labels)")
+            raise
+
     def _decode_uploads(self, files: List[UploadFile]) -> list:
         images = []
         for number, upload in enumerate(files, 1):
