@@ -41,7 +41,7 @@ DEFAULT_SETTINGS = {
 }
 # Keys the SDK itself or the platform's apps put into settings; accepted, the rest is rejected.
 SDK_SETTINGS = {"classes", "rectangle", "sliding_window_mode", "inference_mode", "sliding_window_params",
-                "existing_objects_iou_thresh", "device"}
+                "existing_objects_iou_thresh"}
 # The SDK's client (ModelAPI.predict, PredictionSession) copies each of its scalar arguments into settings,
 # even those that only steer the client or have no meaning for semantic segmentation: accepted and ignored.
 CLIENT_SETTINGS = {"show_progress", "recursive", "batch_size", "conf", "img_size", "upload_mode", "tracking",
