@@ -162,6 +162,11 @@ FAULTS = [
           "400: `cannot download (404 …)`, `not a readable image`, `\"image_url\" must be an http(s) URL`; "
           "before, 500 to all four",
           (SERVE_PLATFORM + "test_image_url_route",)),
+    Fault("serve", "Writing predictions back with an `upload_mode` the SDK does not know (`\"apend\"`), an "
+                   "`output_project_id` that is not an id, an `existing_objects_iou_thresh` outside [0, 1]",
+          "400 naming the field, and no label changes. Before, the SDK treated any unknown mode as `replace`: "
+          "a typo erased every image's own labels",
+          (SERVE_PLATFORM + "test_bad_write_back_requests_are_refused_before_any_label_changes",)),
     Fault("serve", "The platform refuses the predictions written back to it (`upload_mode`, `output_project_id`: "
                    "`annotations.bulk.add` answers 400)",
           "The request ends with `writing the predictions to the platform failed: 400 …` and the SDK's client raises it. "

@@ -258,6 +258,20 @@ def test_predictions_are_written_back_to_the_platform_project(server, platform, 
             platform.images[image_id]["ann"] = ann
 
 
+@pytest.mark.parametrize("extra, message", [
+    ({"upload_mode": "apend"}, 'upload_mode must be one of append, replace, iou_merge, create, got "apend"'),
+    ({"upload_mode": "append", "output_project_id": "new"}, 'output_project_id must be a positive integer, got "new"'),
+    ({"upload_mode": "iou_merge", "settings": {"existing_objects_iou_thresh": 2}},
+     "existing_objects_iou_thresh must be a number in [0, 1], got 2"),
+])
+def test_bad_write_back_requests_are_refused_before_any_label_changes(server, platform, extra, message):
+    """An upload_mode the SDK does not know would make it replace every image's own labels (a typo erases them)."""
+    before = copy.deepcopy({i: img["ann"] for i, img in platform.images.items()})
+    response = server.post("inference_project_id_async", json={"state": {"projectId": platform.project_id, **extra}})
+    assert response.status_code == 400 and message in response.json()["message"], response.text[:300]
+    assert {i: img["ann"] for i, img in platform.images.items()} == before
+
+
 def test_a_refused_write_of_predictions_fails_the_request(server, platform):
     """The platform refuses the annotations: the client gets the error (the SDK's worker thread dropped it,
     and the request used to finish as a success with no results)."""

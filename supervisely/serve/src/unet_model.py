@@ -47,6 +47,7 @@ SDK_SETTINGS = {"classes", "rectangle", "sliding_window_mode", "inference_mode",
 CLIENT_SETTINGS = {"show_progress", "recursive", "batch_size", "conf", "img_size", "upload_mode", "tracking",
                    "output_project_id", "model_prediction_suffix", "iou_merge_threshold", "cache_project_on_model"}
 STATE_KEYS = {"settings", "batch_size", "rectangle", "model_prediction_suffix"}
+UPLOAD_MODES = ("append", "replace", "iou_merge", "create")  # writing predictions to the platform (the SDK's)
 IMAGE_ID_KEYS = ("batch_ids", "image_ids", "images_ids", "imageIds", "image_id", "imageId")  # the SDK's, in its order
 MAX_URL_IMAGE_BYTES = 512 * 1024 * 1024
 MAX_TILE_BATCH = 256
@@ -95,6 +96,9 @@ def parse_settings(settings: Dict[str, Any], class_names: List[str] | None = Non
     classes = settings.get("classes")
     if classes not in (None, "all") and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise InvalidSettings(f"classes must be \"all\" or a list of class names, got {json.dumps(classes)[:80]}")
+    iou = settings.get("existing_objects_iou_thresh")
+    if iou is not None and (isinstance(iou, bool) or not isinstance(iou, (int, float)) or not 0 <= iou <= 1):
+        raise InvalidSettings(f"existing_objects_iou_thresh must be a number in [0, 1], got {json.dumps(iou)[:80]}")
     unknown = sorted(set(classes) - set(class_names)) if isinstance(classes, list) and class_names is not None else []
     if unknown:
         raise InvalidSettings(f"unknown class(es) {', '.join(map(repr, unknown))} in \"classes\"; "
@@ -138,9 +142,14 @@ def check_state(state: dict, class_names: List[str] | None = None) -> dict:
         raise InvalidSettings(f"\"settings\" must be a JSON object, got {json.dumps(settings)[:80]}")
     settings = _without_null_rectangle(settings, "settings.")
     parse_settings({**DEFAULT_SETTINGS, **settings}, class_names)
-    batch_size = state.get("batch_size")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise InvalidSettings(f"batch_size must be a positive integer, got {batch_size!r}")
+    for key in ("batch_size", "output_project_id"):
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidSettings(f"{key} must be a positive integer, got {json.dumps(value)[:80]}")
+    # The SDK replaces an image's own labels for any upload_mode it does not know: a typo would erase them.
+    if state.get("upload_mode") not in (None, *UPLOAD_MODES):
+        raise InvalidSettings(f"upload_mode must be one of {', '.join(UPLOAD_MODES)}, "
+                              f"got {json.dumps(state['upload_mode'])[:80]}")
     return {**state, "settings": settings}
 
 
