@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +129,23 @@ def predict_probabilities(model, images: np.ndarray | torch.Tensor, device, amp_
     return logits.float().softmax(dim=1)
 
 
+class StageTimes(dict):
+    """Milliseconds per stage of prediction (preprocess, inference, postprocess), summed over calls:
+    what the platform's speed test reports."""
+
+    @contextmanager
+    def stage(self, name: str, device: torch.device):
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":  # the GPU's work is queued: wait for it, or it counts in a later stage
+            torch.cuda.synchronize(device)
+        self[name] = self.get(name, 0.0) + (time.perf_counter() - start) * 1000
+
+
+def _stage(times: StageTimes | None, name: str, device: torch.device):
+    return nullcontext() if times is None else times.stage(name, device)
+
+
 def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
     if length <= tile:
         return [0]
@@ -193,11 +212,14 @@ def predict_image(model, image: np.ndarray, input_height: int, input_width: int,
 
 
 def _whole_image_probabilities(model, images: list[np.ndarray], input_height: int, input_width: int, device,
-                               amp_dtype) -> list[torch.Tensor]:
+                               amp_dtype, times: StageTimes | None = None) -> list[torch.Tensor]:
     """Probabilities (C, H, W) at each image's own size; the images, resized to the training size, share one pass."""
-    batch = np.stack([resize_image(image, input_height, input_width) for image in images])
-    probs = predict_probabilities(model, batch, device, amp_dtype)
-    return [resize_probabilities(p, *image.shape[:2]) for image, p in zip(images, probs)]
+    with _stage(times, "preprocess", device):
+        batch = np.stack([resize_image(image, input_height, input_width) for image in images])
+    with _stage(times, "inference", device):
+        probs = predict_probabilities(model, batch, device, amp_dtype)
+    with _stage(times, "postprocess", device):
+        return [resize_probabilities(p, *image.shape[:2]) for image, p in zip(images, probs)]
 
 
 def resize_probabilities(probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -215,19 +237,23 @@ def resize_probabilities(probs: torch.Tensor, height: int, width: int) -> torch.
 
 @torch.inference_mode()
 def predict_masks(model, images: list[np.ndarray], input_height: int, input_width: int, device=torch.device("cpu"),
-                  amp_dtype=None, mode: str = "whole", overlap: float = 0.25, batch_size: int = 4) -> list[np.ndarray]:
+                  amp_dtype=None, mode: str = "whole", overlap: float = 0.25, batch_size: int = 4,
+                  times: StageTimes | None = None) -> list[np.ndarray]:
     """Class-index masks (H, W) uint8 for RGB images of any sizes, as ``inference`` computes them one by one.
 
-    In ``whole`` mode the images share forward passes of up to ``batch_size`` images.
+    In ``whole`` mode the images share forward passes of up to ``batch_size`` images. ``times`` collects the
+    milliseconds per stage (in ``sliding`` mode tiling and blending are all ``inference``).
     """
     if mode != "whole":
-        return [inference(model, image, input_height, input_width, device, amp_dtype, mode, overlap, batch_size)
-                for image in images]
+        with _stage(times, "inference", device):
+            return [inference(model, image, input_height, input_width, device, amp_dtype, mode, overlap, batch_size)
+                    for image in images]
     masks = []
     for first in range(0, len(images), batch_size):
         chunk = images[first:first + batch_size]
-        for probs in _whole_image_probabilities(model, chunk, input_height, input_width, device, amp_dtype):
-            masks.append(probs.argmax(dim=0).to(torch.uint8).cpu().numpy())
+        for probs in _whole_image_probabilities(model, chunk, input_height, input_width, device, amp_dtype, times):
+            with _stage(times, "postprocess", device):
+                masks.append(probs.argmax(dim=0).to(torch.uint8).cpu().numpy())
     return masks
 
 

@@ -22,8 +22,8 @@ import supervisely as sly
 import torch
 
 from custom_net.export import RUNTIMES, OnnxRuntimeModel, export_onnx
-from custom_net.inference import (INFERENCE_MODES, TrainedModel, convert_prediction_to_sly_format, load_trained_model,
-                                  predict_masks, prepare_fast_model, resolve_checkpoint)
+from custom_net.inference import (INFERENCE_MODES, StageTimes, TrainedModel, convert_prediction_to_sly_format,
+                                  load_trained_model, predict_masks, prepare_fast_model, resolve_checkpoint)
 from custom_net.quantize import CALIBRATION_FILE, quantize_trained
 from custom_net.preprocessing import ImageReadError, read_image_rgb
 from custom_net.utils import AMP_MODES, resolve_amp, select_device
@@ -52,10 +52,10 @@ class Predictor:
         return str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32"
 
     def masks(self, images: list[np.ndarray], mode: str = "whole", overlap: float = 0.25,
-              batch_size: int = 4) -> list[np.ndarray]:
+              batch_size: int = 4, times: StageTimes | None = None) -> list[np.ndarray]:
         """Class-index masks at each image's size (see ``custom_net.inference.predict_masks``)."""
         return predict_masks(self.net, images, self.trained.input_height, self.trained.input_width, self.device,
-                             self.amp_dtype, mode, overlap, batch_size)
+                             self.amp_dtype, mode, overlap, batch_size, times)
 
 
 def load_predictor(checkpoint: str | Path, device: str = "auto", runtime: str = "pytorch", amp: str = "auto",

@@ -20,7 +20,7 @@ import torch
 
 from tests.conftest import REPO, shared_path
 from custom_net.export import OnnxRuntimeModel, export_onnx
-from custom_net.inference import load_trained_model, resolve_checkpoint
+from custom_net.inference import StageTimes, load_trained_model, resolve_checkpoint
 from custom_net.model import build_model
 from custom_net.predict import load_predictor, main as predict_main
 from custom_net.preprocessing import ImageReadError, decode_image_rgb, normalize_batch, read_image_rgb, resize_image
@@ -201,3 +201,10 @@ def test_batched_whole_image_masks_match_one_image_at_a_time(tmp_path):
     masks = predictor.masks(images, batch_size=2)  # batches of 2, 2 and 1 images of different sizes
     for image, mask in zip(images, masks):
         np.testing.assert_array_equal(mask, inference(predictor.net, image, 64, 64, predictor.device))
+    # Timed by stage (the platform's speed test), the same masks.
+    for mode, stages in (("whole", {"preprocess", "inference", "postprocess"}), ("sliding", {"inference"})):
+        times = StageTimes()
+        timed = predictor.masks(images, mode, batch_size=2, times=times)
+        assert set(times) == stages and all(ms > 0 for ms in times.values()), times
+        for a, b in zip(timed, masks if mode == "whole" else predictor.masks(images, mode, batch_size=2)):
+            np.testing.assert_array_equal(a, b)

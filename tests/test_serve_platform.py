@@ -117,10 +117,14 @@ def test_the_sdks_model_api_predicts_by_id_dataset_project_and_file(server, plat
 
 
 def test_the_speedtest_route_times_batches_of_platform_images(server, platform):
-    """``/run_speedtest`` (the platform's model benchmark): warm-up, then one timing per batch."""
+    """``/run_speedtest`` (the platform's model benchmark): warm-up, then one timing per batch, split into
+    preprocess (resize), inference (the network) and postprocess (probabilities back to size, argmax)."""
     session = sly.nn.inference.Session(sly.Api(platform.url, platform.token), session_url=server.url)
     timings = list(session.run_speedtest(platform.project_id, batch_size=2, num_iterations=3, num_warmup=1))
-    assert len(timings) == 3 and all(t["total"] > 0 for t in timings), timings
+    assert len(timings) == 3, timings
+    for t in timings:
+        stages = [t["preprocess"], t["inference"], t["postprocess"]]
+        assert all(s > 0 for s in stages) and sum(stages) <= t["total"], t
 
 
 def test_a_rectangle_crops_the_platform_image_and_the_answer_keeps_its_size(server, platform, meta, predictor):

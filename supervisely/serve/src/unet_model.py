@@ -29,7 +29,7 @@ from fastapi.routing import APIRoute
 from supervisely.nn.inference.inference import get_hardware_info
 from supervisely.nn.utils import CheckpointInfo, ModelPrecision
 
-from custom_net.inference import INFERENCE_MODES, convert_prediction_to_sly_format
+from custom_net.inference import INFERENCE_MODES, StageTimes, convert_prediction_to_sly_format
 from custom_net.predict import Predictor, load_predictor
 from custom_net.preprocessing import ImageReadError, decode_image_rgb, read_image_rgb
 from custom_net.quantize import CALIBRATION_FILE
@@ -406,9 +406,14 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
         return self.predict_batch([read_image_rgb(image_path)], settings)[0]
 
     def predict_batch(self, images_np: List, settings: Dict[str, Any]) -> List[List[sly.nn.PredictionSegmentation]]:
+        return self.predict_benchmark(images_np, settings)[0]
+
+    def predict_benchmark(self, images_np: List, settings: Dict[str, Any]):
+        """Predictions and the milliseconds of preprocess, inference and postprocess (the platform's speed test)."""
         options = parse_settings(settings, self.classes)
-        masks = self.predictor.masks(list(images_np), options.mode, options.overlap, options.tile_batch_size)
-        return [[sly.nn.PredictionSegmentation(mask)] for mask in masks]
+        times = StageTimes()
+        masks = self.predictor.masks(list(images_np), options.mode, options.overlap, options.tile_batch_size, times)
+        return [[sly.nn.PredictionSegmentation(mask)] for mask in masks], times
 
     def _create_label(self, dto: sly.nn.PredictionSegmentation, classes_whitelist=None) -> List[sly.Label]:
         # The engine's conversion (``__bg__`` left out), so the service and custom_net/predict.py agree.
