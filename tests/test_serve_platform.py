@@ -77,6 +77,8 @@ def test_the_sdk_session_client_predicts_platform_images_and_projects_like_the_e
     one = session.inference_image_id(ids[0])
     many = session.inference_image_ids(ids)  # the async id route, polled and collected by the client
     assert len(many) == len(ids)
+    infos = list(session.inference_image_ids_async(ids[:2]))  # results with the images' names
+    assert [(i.image_id, i.image_name) for i in infos] == [(i, platform.images[i]["name"]) for i in ids[:2]]
     for image_id, ann in [(ids[0], one), *zip(ids, many)]:
         size = platform.images[image_id]["size"]
         assert ann.img_size == (size["height"], size["width"])

@@ -454,6 +454,16 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
         check_rectangle_fits(settings, source)  # before the SDK's crop (a decorator of the parent's method)
         return super()._inference_batched(source=source, settings=settings, data_to_return=data_to_return)
 
+    def _format_output(self, predictions) -> List[dict]:
+        """Results as the SDK writes them, with ``image_name`` (the image's name) where it has only ``name``:
+        the SDK's client ``Session.inference_image_ids_async`` reads ``image_name``, which the SDK's own
+        image-id route leaves out, so that client failed on every result."""
+        results = super()._format_output(predictions)
+        for result in results:
+            if result.get("image_id") is not None:
+                result.setdefault("image_name", result.get("name"))
+        return results
+
     def upload_predictions(self, predictions, api, upload_mode, *args, **kwargs):
         """Writing predictions to the platform (``upload_mode``, ``output_project_id``). The SDK runs this in a
         worker thread and drops an error raised after the last batch was handed over: the client then saw a
