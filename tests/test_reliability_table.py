@@ -172,10 +172,13 @@ FAULTS = [
           "The request ends with `writing the predictions to the platform failed: 400 …` and the SDK's client raises it. "
           "Before, the SDK's upload thread dropped the error: a finished request with no results and no error",
           (SERVE_PLATFORM + "test_a_refused_write_of_predictions_fails_the_request",)),
-    Fault("serve", "The SDK's `ModelAPI.predict` client, which copies its own arguments (`show_progress`, `recursive`, "
-                   "`conf` …) into the settings",
-          "Accepted and ignored; before, every `ModelAPI.predict` call got a 400 for unknown settings",
-          (SERVE_PLATFORM + "test_the_sdks_model_api_predicts_by_id_dataset_project_and_file",)),
+    Fault("serve", "The SDK's clients as they are: `ModelAPI.predict` copies its own arguments (`show_progress`, "
+                   "`recursive`, `conf` …) into the settings; `Session.inference_image_ids_async` reads an "
+                   "`image_name` the SDK's image-id route does not write",
+          "The arguments are accepted and ignored; results by image id carry `image_name`. Before, every "
+          "`ModelAPI.predict` call got a 400 for unknown settings, and that `Session` call a `KeyError`",
+          (SERVE_PLATFORM + "test_the_sdks_model_api_predicts_by_id_dataset_project_and_file",
+           SERVE_PLATFORM + "test_the_sdk_session_client_predicts_platform_images_and_projects_like_the_engine")),
     Fault("serve", "150 generated bodies for the info, polling and URL routes (random bytes, any JSON, objects whose `context`, "
                    "`state`, `api_token`, `server_address` have any type; any content type) and non-object JSON "
                    "for the platform-only routes",
