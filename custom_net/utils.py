@@ -215,9 +215,9 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, epoch: int, 
                 if on_skip is not None:
                     on_skip(i + 1)
                 if scaler.get_scale() < MIN_LOSS_SCALE:
-                    raise NonFiniteLoss(f"fp16 gradients were still inf/NaN at epoch {epoch}, iteration {i + 1}, with the "
-                                        f"loss scale down to {scaler.get_scale():g} (the loss was finite; every such step "
-                                        "was skipped); try a lower --lr or --amp bf16 / off")
+                    raise NonFiniteLoss(f"fp16 gradients were still inf/NaN at epoch {epoch}, iteration {i + 1}, "
+                                        f"with the loss scale down to {scaler.get_scale():g} (the loss was finite; "
+                                        "every such step was skipped); try a lower --lr or --amp bf16 / off")
         else:
             loss.backward()
             # A finite loss can still give inf/NaN gradients; one step with them ruins every weight.

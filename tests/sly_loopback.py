@@ -97,12 +97,12 @@ class LoopbackPlatform:
         self._load_project(project_dir)
         self.handlers = {
             "projects.info": self._projects_info, "projects.meta": self._projects_meta,
-            "datasets.list": self._datasets_list, "datasets.info": self._datasets_info, "datasets.add": self._datasets_add,
-            "images.bulk.add": self._images_bulk_add,
-            "images.list": self._images_list, "images.info": self._images_info,
+            "projects.meta.update": self._projects_meta_update, "projects.settings.update": self._projects_settings,
+            "datasets.list": self._datasets_list, "datasets.info": self._datasets_info,
+            "datasets.add": self._datasets_add,
+            "images.list": self._images_list, "images.info": self._images_info, "images.bulk.add": self._images_copy,
             "images.download": self._images_download, "images.bulk.download": self._images_bulk_download,
             "annotations.bulk.info": self._annotations_bulk, "annotations.bulk.add": self._annotations_add,
-            "projects.meta.update": self._projects_meta_update, "projects.settings.update": self._projects_settings_update,
             "file-storage.list": self._files_list, "file-storage.bulk.upload": self._files_upload,
             "file-storage.download": self._files_download,
             "tasks.output.set": self._task_output, "tasks.data.set": self._task_data,
@@ -191,6 +191,19 @@ class LoopbackPlatform:
         project = self._project(call)
         return (404, {"error": "project not found"}) if project is None else (200, project["meta"])
 
+    def _projects_meta_update(self, call):
+        project = self._project(call)
+        if project is None:
+            return 404, {"error": "project not found"}
+        project["meta"] = call.body["meta"]
+        return 200, project["meta"]
+
+    def _projects_settings(self, call):  # the SDK sends the meta's project settings after each meta update
+        if self._project(call) is None:
+            return 404, {"error": "project not found"}
+        self.project_settings = call.body.get("settings")
+        return 200, {"success": True}
+
     def _dataset_info(self, ds):
         return _info(DatasetApi, id=ds["id"], name=ds["name"], projectId=ds["project_id"], parentId=None,
                      imagesCount=len(self._dataset_images(ds["id"])), itemsCount=len(self._dataset_images(ds["id"])),
@@ -242,7 +255,7 @@ class LoopbackPlatform:
             return 404, {"error": f"image {image_id} not found"}
         return 200, self._image_info(image_id, self.images[image_id])
 
-    def _images_bulk_add(self, call):
+    def _images_copy(self, call):
         """Copies of existing images (``imageId``) into ``datasetId``, without their annotations."""
         if not any(ds["id"] == call.body.get("datasetId") for ds in self.datasets):
             return 404, {"error": "dataset not found"}
@@ -279,19 +292,6 @@ class LoopbackPlatform:
 
     def _annotations_bulk(self, call):
         return 200, self._annotations(call.body["imageIds"])
-
-    def _projects_meta_update(self, call):
-        project = self._project(call)
-        if project is None:
-            return 404, {"error": "project not found"}
-        project["meta"] = call.body["meta"]
-        return 200, project["meta"]
-
-    def _projects_settings_update(self, call):  # the SDK sends the meta's project settings after each meta update
-        if self._project(call) is None:
-            return 404, {"error": "project not found"}
-        self.project_settings = call.body.get("settings")
-        return 200, {"success": True}
 
     def _annotations_add(self, call):
         """Replaces the images' annotations, refused whole (as the platform does) when an image is not in

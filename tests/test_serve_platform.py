@@ -63,6 +63,17 @@ def _rectangle(left, top, right, bottom):
     return {"points": {"exterior": [[left, top], [right, bottom]], "interior": []}}
 
 
+def _finish(server, uuid: str, timeout_s: float = 120) -> dict:
+    """Poll a scheduled request until it ends; its last progress answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        progress = server.post("get_inference_progress", json={"state": {"inference_request_uuid": uuid}}).json()
+        if progress["finished"]:
+            return progress
+        assert time.monotonic() < deadline, "the scheduled request never finished"
+        time.sleep(0.2)
+
+
 def test_the_sdk_session_client_predicts_platform_images_and_projects_like_the_engine(server, platform, predictor):
     """``sly.nn.inference.Session``, the SDK's client that platform apps use, against the served app."""
     session = sly.nn.inference.Session(sly.Api(platform.url, platform.token), session_url=server.url)
@@ -208,10 +219,7 @@ def test_async_upload_route_decodes_and_checks_before_scheduling(server, tiny_pr
     response = server.post("inference_batch_async", files=[("files", (path.name, path.read_bytes()))])
     assert response.status_code == 200, response.text[:300]
     uuid = response.json()["inference_request_uuid"]
-    deadline = time.monotonic() + 60
-    while not server.post("get_inference_progress", json={"state": {"inference_request_uuid": uuid}}).json()["finished"]:
-        assert time.monotonic() < deadline, "the scheduled request never finished"
-        time.sleep(0.2)
+    _finish(server, uuid, timeout_s=60)
     results = server.post("pop_inference_results", json={"state": {"inference_request_uuid": uuid}}).json()
     [result] = results["pending_results"]
     _assert_agrees(_mask_of(result["annotation"], meta), predictor.masks([decode_image_rgb(path.read_bytes())])[0])
@@ -220,15 +228,6 @@ def test_async_upload_route_decodes_and_checks_before_scheduling(server, tiny_pr
                                   "unknown request key(s) 'mode'")]:
         response = server.post("inference_batch_async", files=files, data=form)
         assert response.status_code == 400 and message in response.json()["message"], response.text[:300]
-
-
-def _finish(server, uuid: str, timeout_s: float = 120) -> dict:
-    """Poll a scheduled request until it ends; its last progress answer."""
-    deadline = time.monotonic() + timeout_s
-    while not (progress := server.post("get_inference_progress", json={"state": {"inference_request_uuid": uuid}}).json())["finished"]:
-        assert time.monotonic() < deadline, "the scheduled request never finished"
-        time.sleep(0.2)
-    return progress
 
 
 @pytest.mark.parametrize("upload_mode", ["append", "replace", "iou_merge"])
