@@ -127,6 +127,11 @@ def test_the_sdks_model_api_predicts_by_id_dataset_project_and_file(server, plat
     expected = _expected_mask(platform, predictor, ids[0])
     _assert_agrees(_mask_of(prediction.annotation.to_json(), model_meta), np.where(expected == 1, expected, 0))
     assert {label.obj_class.name for label in prediction.annotation.labels} <= {kept}
+    # What the client adds for a video (frame range, stride) reaches the settings too.
+    video_arguments = {"start_frame": 0, "start_frame_index": 0, "num_frames": 5, "frames_count": 5, "end_frame": 4,
+                       "stride": 2, "step": 2, "duration": 1.5, "direction": "forward"}
+    response = server.post("inference_image_id", json={"state": {"image_id": ids[0], "settings": video_arguments}})
+    assert response.status_code == 200, response.text[:300]
 
 
 def test_the_speedtest_route_times_batches_of_platform_images(server, platform):

@@ -43,9 +43,12 @@ DEFAULT_SETTINGS = {
 SDK_SETTINGS = {"classes", "rectangle", "sliding_window_mode", "inference_mode", "sliding_window_params",
                 "existing_objects_iou_thresh"}
 # The SDK's client (ModelAPI.predict, PredictionSession) copies each of its scalar arguments into settings,
-# even those that only steer the client or have no meaning for semantic segmentation: accepted and ignored.
+# even those that only steer the client, go to the request state (video frames) or have no meaning for
+# semantic segmentation: accepted and ignored.
 CLIENT_SETTINGS = {"show_progress", "recursive", "batch_size", "conf", "img_size", "upload_mode", "tracking",
-                   "output_project_id", "model_prediction_suffix", "iou_merge_threshold", "cache_project_on_model"}
+                   "output_project_id", "model_prediction_suffix", "iou_merge_threshold", "cache_project_on_model",
+                   "start_frame", "start_frame_index", "num_frames", "frames_count", "end_frame", "stride", "step",
+                   "duration", "direction"}
 STATE_KEYS = {"settings", "batch_size", "rectangle", "model_prediction_suffix"}
 UPLOAD_MODES = ("append", "replace", "iou_merge", "create")  # writing predictions to the platform (the SDK's)
 IMAGE_ID_KEYS = ("batch_ids", "image_ids", "images_ids", "imageIds", "image_id", "imageId")  # the SDK's, in its order
