@@ -292,14 +292,15 @@ def test_bad_write_back_requests_are_refused_before_any_label_changes(server, pl
 def test_a_refused_write_of_predictions_fails_the_request(server, platform):
     """The platform refuses the annotations: the client gets the error (the SDK's worker thread dropped it,
     and the request used to finish as a success with no results)."""
-    saved_anns = {i: img["ann"] for i, img in platform.images.items()}
+    saved_meta, saved_anns = copy.deepcopy(platform.meta_json), {i: img["ann"] for i, img in platform.images.items()}
     platform.fail("annotations.bulk.add", status=400)
     try:
         model = ModelAPI(api=sly.Api(platform.url, platform.token), url=server.url)
         with pytest.raises(RuntimeError, match=r"writing the predictions to the platform failed: 400 Client Error.*"
                                                r"annotations\.bulk\.add.*injected fault 400"):
             model.predict(project_id=platform.project_id, upload_mode="append", show_progress=False)
-    finally:
+    finally:  # the meta was updated before the refused write; later batches may have been written
+        platform.meta_json = saved_meta
         for image_id, ann in saved_anns.items():
             platform.images[image_id]["ann"] = ann
 
