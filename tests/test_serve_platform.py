@@ -39,6 +39,22 @@ def platform(tiny_project, run):
         yield platform
 
 
+@pytest.fixture
+def writable_platform(platform):
+    """The module's platform, put back as it was after a test that writes to it (labels, classes, projects)."""
+    meta, anns = copy.deepcopy(platform.meta_json), {i: img["ann"] for i, img in platform.images.items()}
+    datasets, projects = list(platform.datasets), set(platform.projects)
+    yield platform
+    platform.meta_json = meta
+    for image_id in set(platform.images) - set(anns):
+        del platform.images[image_id]
+    for image_id, ann in anns.items():
+        platform.images[image_id]["ann"] = ann
+    platform.datasets[:] = datasets
+    for project_id in set(platform.projects) - projects:
+        del platform.projects[project_id]
+
+
 @pytest.fixture(scope="module")
 def server(platform, run, tmp_path_factory):
     checkpoint = next((run / "checkpoints").iterdir()).name
@@ -236,43 +252,39 @@ def test_async_upload_route_decodes_and_checks_before_scheduling(server, tiny_pr
 
 
 @pytest.mark.parametrize("upload_mode", ["append", "replace", "iou_merge"])
-def test_predictions_are_written_back_to_the_platform_project(server, platform, predictor, upload_mode):
+def test_predictions_are_written_back_to_the_platform_project(server, writable_platform, predictor, upload_mode):
     """A project inferred with ``upload_mode`` and no output project (what "Apply NN" does to label the project
     itself): each image gets one label per predicted class, after its own labels (append, iou_merge: the SDK drops
     predictions whose box overlaps an own label of the class) or instead of them (replace). The model's classes
     join the project's meta, as ``<name>_nn`` where the project has the name with another shape."""
+    platform = writable_platform
     saved_meta, saved_anns = copy.deepcopy(platform.meta_json), {i: img["ann"] for i, img in platform.images.items()}
-    try:
-        response = server.post("inference_project_id_async",
-                               json={"state": {"projectId": platform.project_id, "upload_mode": upload_mode}})
-        assert response.status_code == 200, response.text[:300]
-        progress = _finish(server, response.json()["inference_request_uuid"])
-        assert progress["exception"] is None and not platform.unknown, (progress["exception"], platform.unknown)
-        assert progress["pending_results"] == len(platform.images), progress  # one (empty) result per image
-        model_classes = [c["title"] for c in server.post("get_output_classes_and_tags").json()["classes"]]
-        project_meta = sly.ProjectMeta.from_json(platform.meta_json)
-        shapes = {c["title"]: c["shape"] for c in saved_meta["classes"]}
-        for name in model_classes[1:]:  # after __bg__
-            renamed = name if shapes.get(name, "bitmap") == "bitmap" else name + "_nn"
-            assert project_meta.get_obj_class(renamed).geometry_type == sly.Bitmap, (name, renamed)
-        for image_id, img in platform.images.items():
-            ann = sly.Annotation.from_json(img["ann"], project_meta)
-            predicted = {label.obj_class.name.removesuffix("_nn"): label for label in ann.labels
-                         if label.status == LabelingStatus.AUTO}
-            own = [label for label in ann.labels if label.status != LabelingStatus.AUTO]
-            assert len(own) == (0 if upload_mode == "replace" else len(saved_anns[image_id]["objects"]))
-            expected = _expected_mask(platform, predictor, image_id)
-            present = {model_classes[i] for i in np.unique(expected) if i}
-            assert len(predicted) == len([lb for lb in ann.labels if lb.status == LabelingStatus.AUTO])  # one per class
-            assert set(predicted) <= present and (upload_mode == "iou_merge" or set(predicted) == present)
-            for name, label in predicted.items():
-                drawn = np.zeros(ann.img_size, np.uint8)
-                label.geometry.draw(drawn, 1)
-                assert ((drawn == 1) == (expected == model_classes.index(name))).mean() >= 0.999, (image_id, name)
-    finally:
-        platform.meta_json = saved_meta
-        for image_id, ann in saved_anns.items():
-            platform.images[image_id]["ann"] = ann
+    response = server.post("inference_project_id_async",
+                           json={"state": {"projectId": platform.project_id, "upload_mode": upload_mode}})
+    assert response.status_code == 200, response.text[:300]
+    progress = _finish(server, response.json()["inference_request_uuid"])
+    assert progress["exception"] is None and not platform.unknown, (progress["exception"], platform.unknown)
+    assert progress["pending_results"] == len(platform.images), progress  # one (empty) result per image
+    model_classes = [c["title"] for c in server.post("get_output_classes_and_tags").json()["classes"]]
+    project_meta = sly.ProjectMeta.from_json(platform.meta_json)
+    shapes = {c["title"]: c["shape"] for c in saved_meta["classes"]}
+    for name in model_classes[1:]:  # after __bg__
+        renamed = name if shapes.get(name, "bitmap") == "bitmap" else name + "_nn"
+        assert project_meta.get_obj_class(renamed).geometry_type == sly.Bitmap, (name, renamed)
+    for image_id, img in platform.images.items():
+        ann = sly.Annotation.from_json(img["ann"], project_meta)
+        predicted = {label.obj_class.name.removesuffix("_nn"): label for label in ann.labels
+                     if label.status == LabelingStatus.AUTO}
+        own = [label for label in ann.labels if label.status != LabelingStatus.AUTO]
+        assert len(own) == (0 if upload_mode == "replace" else len(saved_anns[image_id]["objects"]))
+        expected = _expected_mask(platform, predictor, image_id)
+        present = {model_classes[i] for i in np.unique(expected) if i}
+        assert len(predicted) == len([lb for lb in ann.labels if lb.status == LabelingStatus.AUTO])  # one per class
+        assert set(predicted) <= present and (upload_mode == "iou_merge" or set(predicted) == present)
+        for name, label in predicted.items():
+            drawn = np.zeros(ann.img_size, np.uint8)
+            label.geometry.draw(drawn, 1)
+            assert ((drawn == 1) == (expected == model_classes.index(name))).mean() >= 0.999, (image_id, name)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -289,53 +301,43 @@ def test_bad_write_back_requests_are_refused_before_any_label_changes(server, pl
     assert {i: img["ann"] for i, img in platform.images.items()} == before
 
 
-def test_a_refused_write_of_predictions_fails_the_request(server, platform):
+def test_a_refused_write_of_predictions_fails_the_request(server, writable_platform):
     """The platform refuses the annotations: the client gets the error (the SDK's worker thread dropped it,
     and the request used to finish as a success with no results)."""
-    saved_meta, saved_anns = copy.deepcopy(platform.meta_json), {i: img["ann"] for i, img in platform.images.items()}
+    platform = writable_platform
     platform.fail("annotations.bulk.add", status=400)
-    try:
-        model = ModelAPI(api=sly.Api(platform.url, platform.token), url=server.url)
-        with pytest.raises(RuntimeError, match=r"writing the predictions to the platform failed: 400 Client Error.*"
-                                               r"annotations\.bulk\.add.*injected fault 400"):
-            model.predict(project_id=platform.project_id, upload_mode="append", show_progress=False)
-    finally:  # the meta was updated before the refused write; later batches may have been written
-        platform.meta_json = saved_meta
-        for image_id, ann in saved_anns.items():
-            platform.images[image_id]["ann"] = ann
+    model = ModelAPI(api=sly.Api(platform.url, platform.token), url=server.url)
+    with pytest.raises(RuntimeError, match=r"writing the predictions to the platform failed: 400 Client Error.*"
+                                           r"annotations\.bulk\.add.*injected fault 400"):
+        model.predict(project_id=platform.project_id, upload_mode="append", show_progress=False)
 
 
-def test_predictions_go_into_another_project_when_asked(server, platform, predictor):
+def test_predictions_go_into_another_project_when_asked(server, writable_platform, predictor):
     """``output_project_id`` (Apply NN into a new project): the SDK copies each image into a dataset of the same
     name there and uploads the predicted labels; the model's classes become that project's; the source is untouched."""
+    platform = writable_platform
     source_anns = {i: copy.deepcopy(img["ann"]) for i, img in platform.images.items()}
     datasets_before = list(platform.datasets)
     target = platform.add_project("predictions")
-    try:
-        model = ModelAPI(api=sly.Api(platform.url, platform.token), url=server.url)
-        predictions = model.predict(project_id=platform.project_id, output_project_id=target, show_progress=False)
-        assert sorted(p.image_id for p in predictions) == sorted(source_anns)
-        assert {i: img["ann"] for i, img in platform.images.items() if i in source_anns} == source_anns
-        copied = [ds for ds in platform.datasets if ds["project_id"] == target]
-        assert sorted(ds["name"] for ds in copied) == sorted(ds["name"] for ds in datasets_before)
-        target_meta = sly.ProjectMeta.from_json(platform.projects[target]["meta"])
-        model_meta = model.get_model_meta()
-        assert {(c.name, c.geometry_type) for c in target_meta.obj_classes} <= \
-            {(c.name, sly.Bitmap) for c in model_meta.obj_classes if c.name != "__bg__"}
-        for source_id in source_anns:
-            source = platform.images[source_id]
-            source_dataset = next(ds["name"] for ds in datasets_before if ds["id"] == source["dataset_id"])
-            [copy_id] = [i for i, img in platform.images.items() if img["name"] == source["name"]
-                         and img["dataset_id"] in {ds["id"] for ds in copied if ds["name"] == source_dataset}]
-            assert platform.images[copy_id]["bytes"] == source["bytes"]
-            ann = sly.Annotation.from_json(platform.images[copy_id]["ann"], target_meta)
-            assert all(label.status == LabelingStatus.AUTO for label in ann.labels)
-            _assert_agrees(_mask_of(ann.to_json(), model_meta), _expected_mask(platform, predictor, source_id))
-    finally:
-        for image_id in set(platform.images) - set(source_anns):
-            del platform.images[image_id]
-        platform.datasets[:] = datasets_before
-        del platform.projects[target]
+    model = ModelAPI(api=sly.Api(platform.url, platform.token), url=server.url)
+    predictions = model.predict(project_id=platform.project_id, output_project_id=target, show_progress=False)
+    assert sorted(p.image_id for p in predictions) == sorted(source_anns)
+    assert {i: img["ann"] for i, img in platform.images.items() if i in source_anns} == source_anns
+    copied = [ds for ds in platform.datasets if ds["project_id"] == target]
+    assert sorted(ds["name"] for ds in copied) == sorted(ds["name"] for ds in datasets_before)
+    target_meta = sly.ProjectMeta.from_json(platform.projects[target]["meta"])
+    model_meta = model.get_model_meta()
+    assert {(c.name, c.geometry_type) for c in target_meta.obj_classes} <= \
+        {(c.name, sly.Bitmap) for c in model_meta.obj_classes if c.name != "__bg__"}
+    for source_id in source_anns:
+        source = platform.images[source_id]
+        source_dataset = next(ds["name"] for ds in datasets_before if ds["id"] == source["dataset_id"])
+        [copy_id] = [i for i, img in platform.images.items() if img["name"] == source["name"]
+                     and img["dataset_id"] in {ds["id"] for ds in copied if ds["name"] == source_dataset}]
+        assert platform.images[copy_id]["bytes"] == source["bytes"]
+        ann = sly.Annotation.from_json(platform.images[copy_id]["ann"], target_meta)
+        assert all(label.status == LabelingStatus.AUTO for label in ann.labels)
+        _assert_agrees(_mask_of(ann.to_json(), model_meta), _expected_mask(platform, predictor, source_id))
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats() | st.text(max_size=8),

@@ -408,15 +408,17 @@ class UNetModel(sly.nn.inference.SemanticSegmentation):
     def predict(self, image_path: str, settings: Dict[str, Any]) -> List[sly.nn.PredictionSegmentation]:
         return self.predict_batch([read_image_rgb(image_path)], settings)[0]
 
-    def predict_batch(self, images_np: List, settings: Dict[str, Any]) -> List[List[sly.nn.PredictionSegmentation]]:
-        return self.predict_benchmark(images_np, settings)[0]
+    def predict_batch(self, images_np: List, settings: Dict[str, Any],
+                      times: StageTimes | None = None) -> List[List[sly.nn.PredictionSegmentation]]:
+        options = parse_settings(settings, self.classes)
+        masks = self.predictor.masks(list(images_np), options.mode, options.overlap, options.tile_batch_size, times)
+        return [[sly.nn.PredictionSegmentation(mask)] for mask in masks]
 
     def predict_benchmark(self, images_np: List, settings: Dict[str, Any]):
-        """Predictions and the milliseconds of preprocess, inference and postprocess (the platform's speed test)."""
-        options = parse_settings(settings, self.classes)
+        """Predictions and the milliseconds of preprocess, inference and postprocess (the platform's speed test;
+        only it pays for the timing, which on a GPU waits for the device after each stage)."""
         times = StageTimes()
-        masks = self.predictor.masks(list(images_np), options.mode, options.overlap, options.tile_batch_size, times)
-        return [[sly.nn.PredictionSegmentation(mask)] for mask in masks], times
+        return self.predict_batch(images_np, settings, times), times
 
     def _create_label(self, dto: sly.nn.PredictionSegmentation, classes_whitelist=None) -> List[sly.Label]:
         # The engine's conversion (``__bg__`` left out), so the service and custom_net/predict.py agree.
