@@ -87,7 +87,8 @@ def open_bench_project():
 
 class NaiveDataset:
     """How the original app loaded data: per sample, decode the full-size JPEG and colour-mask PNG,
-    find each class colour over all pixels, resize, normalise. The baseline of the data section."""
+    find each class colour over all pixels, augment at full size, resize, normalise. The baseline of the
+    data section."""
 
     def __init__(self, samples, colors, augmenter=None):
         self.samples, self.colors, self.augmenter = samples, colors, augmenter
@@ -107,10 +108,10 @@ class NaiveDataset:
         mask = np.zeros(colour_mask.shape[:2], np.uint8)
         for index_, colour in enumerate(self.colors):
             mask[np.all(colour_mask == colour, axis=-1)] = index_
-        image = cv2.resize(image, (SIZE, SIZE))
-        mask = cv2.resize(mask, (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
         if self.augmenter is not None:
             image, mask = augs.augment(self.augmenter, image, mask, epoch * 1000 + index)
+        image = cv2.resize(image, (SIZE, SIZE))
+        mask = cv2.resize(mask, (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
         image = (image.astype(np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
         return torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32)), torch.from_numpy(mask.astype(np.int64))
 
@@ -149,8 +150,10 @@ def bench_data(args) -> dict:
                 count += len(images)
             return count / (time.perf_counter() - start)
 
+        # As training caches them: with the detail the spatial augmentations of the template work on.
+        result["detail_scale"] = data.detail_scale(items, SIZE, SIZE)
         start = time.perf_counter()
-        prepared = data.PreparedData(items, project.meta, names, SIZE, SIZE)
+        prepared = data.PreparedData(items, project.meta, names, SIZE, SIZE, detail_scale=result["detail_scale"])
         result["cache_build_s"] = time.perf_counter() - start
         try:
             for label, config in (("data", None), ("data+augs", augs_config)):

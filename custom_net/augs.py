@@ -72,6 +72,12 @@ def build_augmenter(config: dict) -> iaa.Augmenter:
     return imgaug_utils.build_pipeline(config["pipeline"], random_order=config.get("random_order", False))
 
 
+def is_spatial(config: dict) -> bool:
+    """Whether the pipeline moves pixels other than by flipping (crops, pads, zooms, rotations, warps):
+    those augmenters need more detail than the training size to give what the original app's gave."""
+    return any(step["category"] in ("geometric", "size") for step in config["pipeline"])
+
+
 def augs_to_python(config: dict) -> str:
     """The pipeline as imgaug Python code (info/augs_preview.py)."""
     lines = [imgaug_utils.aug_to_python(step) for step in config["pipeline"]]
@@ -82,37 +88,38 @@ def augs_to_python(config: dict) -> str:
     )
 
 
-def augment(augmenter: iaa.Augmenter, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def augment(augmenter: iaa.Augmenter, image: np.ndarray, mask: np.ndarray, seed: int,
+            size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Augment image and class-index mask together; the result depends only on ``seed``.
 
-    Output keeps the input size: geometric augmenters that change it (crop without
-    keep_size) are followed by a resize, nearest-neighbour for the mask.
+    The output is resized to ``size`` (height, width; default: the input's), nearest-neighbour for the
+    mask: so augmenters may change the size (crop without keep_size), and may work on a larger image.
     """
     _seed(augmenter, seed)
     out_image, out_mask = imgaug_utils.apply_to_image_and_mask(augmenter, image, mask)
-    height, width = mask.shape
+    height, width = size or mask.shape
     out_mask = out_mask.astype(np.uint8)
     return resize_image(out_image, height, width), resize_mask(out_mask, height, width)
 
 
 def _seed(augmenter: iaa.Augmenter, seed: int) -> None:
-    """``augmenter.seed_(seed)`` plus the generators it misses.
+    """Give every augmenter of the pipeline its own generator, derived from ``seed`` alone.
 
-    seed_ seeds the members of a child list but not the list itself when that list is an augmenter
-    of its own: the Sequential inside MultiplyAndAddToBrightness (in every shipped template) would
-    draw its random_order from a generator that carries over between calls.
+    Set directly rather than through ``augmenter.seed_``, which costs a millisecond a sample and misses a
+    child list that is an augmenter of its own (the Sequential inside MultiplyAndAddToBrightness, in every
+    shipped template, would draw its random_order from a generator that carries over between calls).
     """
-    augmenter.seed_(seed)
-    root = imgaug.random.RNG(seed)
-    stack = [augmenter]
+    members, stack, seen = [], [augmenter], set()
     while stack:
         aug = stack.pop()
+        if id(aug) in seen:
+            continue
+        seen.add(id(aug))
+        members.append(aug)
         for children in aug.get_children_lists():
             if isinstance(children, iaa.Augmenter) and children is not aug:
-                children.random_state = root.derive_rng_()
-            stack.extend(children)
-
-
-def seed_global(seed: int) -> None:
-    """imgaug's global RNG, for augmenters used outside ``augment``."""
-    imgaug.seed(seed)
+                stack.append(children)
+            else:
+                stack.extend(children)
+    for aug, state in zip(members, np.random.SeedSequence(seed).generate_state(len(members), np.uint64)):
+        aug.random_state = imgaug.random.RNG(int(state))

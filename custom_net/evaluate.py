@@ -74,26 +74,27 @@ def select_items(project, split_file: str | Path | None) -> list[data.Item]:
 
 # ---- metrics over a set of items -------------------------------------------------------------
 
-def error_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    """The image dimmed to grey with every wrong pixel coloured by the kind of error."""
+def error_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, background: int | None = 0) -> np.ndarray:
+    """The image dimmed to grey with every wrong pixel coloured by the kind of error (``background`` is the
+    class id of __bg__)."""
     grey = (image.mean(axis=2, keepdims=True) * 0.5).astype(np.uint8).repeat(3, axis=2)
     out = grey.copy()
     wrong = truth != prediction
-    out[wrong & (prediction == 0)] = MISSED
-    out[wrong & (truth == 0)] = FALSE_ALARM
-    out[wrong & (truth != 0) & (prediction != 0)] = WRONG_CLASS
+    out[wrong & (prediction == background)] = MISSED
+    out[wrong & (truth == background)] = FALSE_ALARM
+    out[wrong & (truth != background) & (prediction != background)] = WRONG_CLASS
     return out
 
 
-def _worst_panel(image, truth, prediction, colors) -> np.ndarray:
+def _worst_panel(image, truth, prediction, colors, background) -> np.ndarray:
     """image | ground truth | prediction | errors, scaled down for the report."""
     scale = min(4.0, PANEL_SIDE / max(image.shape[:2]))  # small images are enlarged (at most 4x) to be seen
     if scale != 1:
         h, w = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
         image, truth, prediction = resize_image(image, h, w), resize_mask(truth, h, w), resize_mask(prediction, h, w)
-    panel = preview_panel(image, truth, prediction, colors)
+    panel = preview_panel(image, truth, prediction, colors, background)
     gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
-    return np.concatenate([panel, gap, error_overlay(image, truth, prediction)], axis=1)
+    return np.concatenate([panel, gap, error_overlay(image, truth, prediction, background)], axis=1)
 
 
 def evaluate_items(trained, meta, items: list[data.Item], device: torch.device, amp_dtype=None, mode: str = "whole",
@@ -128,7 +129,8 @@ def evaluate_items(trained, meta, items: list[data.Item], device: torch.device, 
                   "mean_iou": m["mean_iou"], "pixel_accuracy": m["pixel_accuracy"], "iou": m["iou"]}
         per_image.append(record)
         if worst > 0 and (len(heap) < worst or score < -heap[0][0]):
-            panel = _worst_panel(image, truth, prediction.to(torch.uint8).cpu().numpy(), colors)
+            panel = _worst_panel(image, truth, prediction.to(torch.uint8).cpu().numpy(), colors,
+                                 data.background_index(class_names))
             entry = (-score, -n, record, panel)
             heapq.heappush(heap, entry) if len(heap) < worst else heapq.heappushpop(heap, entry)
         if progress is not None:
@@ -416,11 +418,12 @@ def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str 
     if items is None:
         items = select_items(project, split_file)
     class_names = [c.name for c in trained.model_classes]
-    missing = [n for n in class_names[1:] if project.meta.obj_classes.get(n) is None]
-    if len(missing) == len(class_names) - 1:
+    objects = [n for n in class_names if n != data.BG_CLASS]
+    missing = [n for n in objects if project.meta.obj_classes.get(n) is None]
+    if len(missing) == len(objects):
         known = ", ".join(c.name for c in project.meta.obj_classes) or "none"
         raise EvalError(f"--project-dir: {project_dir} has none of the model's classes "
-                        f"({', '.join(class_names[1:])}); it has: {known}")
+                        f"({', '.join(objects)}); it has: {known}")
     notes = [f"the project has no class {n!r}: its ground truth is empty" for n in missing]
     amp_dtype = resolve_amp(amp, device)
     predicting, precision = trained, str(amp_dtype or torch.float32).replace("torch.", "")

@@ -50,7 +50,10 @@ def read_run_info(checkpoint: str | Path) -> tuple[dict, list[sly.ObjClass]]:
     for key in ("selectedModel", "imgSize"):
         if key not in ui_state:
             raise ValueError(f"{info / 'ui_state.json'}: missing {key!r}")
-    return ui_state, [sly.ObjClass.from_json(c) for c in classes]
+    # Bitmaps, whatever shape a class had in the project (runs written before this rule kept it): the model
+    # predicts masks.
+    return ui_state, [c if c.geometry_type is sly.Bitmap else c.clone(geometry_type=sly.Bitmap)
+                      for c in map(sly.ObjClass.from_json, classes)]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -13,39 +13,13 @@ decoder output is resized to the skip's size.
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-
-class EncoderWeightsMissing(FileNotFoundError):
-    """ImageNet weights were asked for but are neither in the torch cache nor at the given path."""
-
-
-def load_imagenet_weights(module: nn.Module, weights_enum, weights_path: str | os.PathLike | None = None,
-                          prefix: str = ""):
-    """Load torchvision ImageNet weights into ``module`` without touching the network.
-
-    Looks at ``weights_path`` if given, else in the torch hub cache where
-    ``torchvision`` would have downloaded them. With ``prefix``, only the entries under
-    it are loaded (the VGG feature layers, without the classifier).
-    """
-    file_name = os.path.basename(weights_enum.url)
-    path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / file_name
-    if not path.is_file():
-        raise EncoderWeightsMissing(
-            f"ImageNet encoder weights not found at {path}. This app never downloads at run time: "
-            f"fetch {weights_enum.url} on a machine with internet and put it at {path} "
-            f"(or pass its path with --encoder-weights), or train from scratch with --encoder-weights none."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    module.load_state_dict(state)
+from custom_net.pretrained import EncoderWeightsMissing, load_imagenet_weights  # noqa: F401  (part of this API)
 
 
 def _match(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -150,9 +124,8 @@ class _VGGUNet(nn.Module):
         self.encoder = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs[self.vgg_config])
         init_untrained_layers(self.encoder, set(), "fan_out")  # as torchvision's VGG (so the original app) did
         if encoder_weights:
-            weights_enum = torchvision.models.get_model_weights(self.vgg_name).IMAGENET1K_V1
-            load_imagenet_weights(self.encoder, weights_enum, None if encoder_weights == "imagenet" else encoder_weights,
-                                  prefix="features.")
+            load_imagenet_weights(self.encoder, self.vgg_name,
+                                  None if encoder_weights == "imagenet" else encoder_weights, prefix="features.")
         self.relu = nn.ReLU(inplace=True)
         for i, indices in enumerate(self.stages, start=1):
             layers = []
@@ -203,8 +176,7 @@ class UNet16(_VGGUNet):
 def _resnet34(encoder_weights) -> torchvision.models.ResNet:
     resnet = torchvision.models.resnet34(weights=None)
     if encoder_weights:
-        weights_enum = torchvision.models.ResNet34_Weights.IMAGENET1K_V1
-        load_imagenet_weights(resnet, weights_enum, None if encoder_weights == "imagenet" else encoder_weights)
+        load_imagenet_weights(resnet, "resnet34", None if encoder_weights == "imagenet" else encoder_weights)
     return resnet
 
 

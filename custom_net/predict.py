@@ -5,7 +5,8 @@
 
 Writes ``meta.json`` (the model's classes), ``ann/<image name>.json`` (Supervisely annotation,
 one bitmap per predicted class, ``__bg__`` left out), ``masks/<image stem>.png`` (class index per
-pixel, 0 = ``__bg__``) and ``overlays/<image stem>.png`` (class colours over the image).
+pixel, the index of the class in ``meta.json``; ``__bg__`` is 0 in this app's runs, last in the original
+app's) and ``overlays/<image stem>.png`` (class colours over the image).
 The serving app predicts through the same ``Predictor``.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from custom_net.inference import (INFERENCE_MODES, StageTimes, TrainedModel, con
                                   load_trained_model, predict_masks, prepare_fast_model, resolve_checkpoint)
 from custom_net.quantize import CALIBRATION_FILE, quantize_trained
 from custom_net.preprocessing import ImageReadError, read_image_rgb
+from custom_net.sly_seg_dataset import background_index
 from custom_net.utils import AMP_MODES, resolve_amp, select_device
 from custom_net.visualize import overlay, save_png
 
@@ -104,7 +106,8 @@ def write_prediction(output: Path, relative: Path, image: np.ndarray, mask: np.n
     ann = convert_prediction_to_sly_format(mask, model_classes)
     paths["ann"].write_text(json.dumps(ann.to_json()))
     cv2.imwrite(str(paths["masks"]), mask)
-    save_png(paths["overlays"], overlay(image, mask, [c.color for c in model_classes]))
+    save_png(paths["overlays"], overlay(image, mask, [c.color for c in model_classes],
+                                        background=background_index([c.name for c in model_classes])))
     return paths["ann"]
 
 

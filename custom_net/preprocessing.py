@@ -54,6 +54,19 @@ def image_header_size(data: bytes, source: str = "image") -> tuple[int, int] | N
     return height, width
 
 
+def image_file_size(path: str | Path) -> tuple[int, int] | None:
+    """(height, width) of an image file as decoded (EXIF rotation applied), from its header alone; None when
+    PIL cannot tell."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap the sides
+                width, height = height, width
+    except Exception:
+        return None
+    return height, width
+
+
 def decode_image_rgb(data: bytes, source: str = "image", max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to RGB uint8; ``max_pixels`` refuses oversized images before any pixel is decoded."""
     if len(data) == 0:

@@ -37,6 +37,32 @@ class Reporter:
         return self._stop.is_set()
 
 
+class Broadcast(Reporter):
+    """Every hook goes to each of ``reporters``; a stop asked of any of them (or of this) stops the run."""
+
+    HOOKS = ("start", "epoch_start", "train_step", "val_progress", "epoch_end", "previews", "message", "finish")
+
+    def __init__(self, *reporters: Reporter):
+        super().__init__()
+        self.reporters = reporters
+        for hook in self.HOOKS:
+            setattr(self, hook, self._broadcaster(hook))
+
+    def _broadcaster(self, hook: str):
+        def call(*args):
+            for reporter in self.reporters:
+                getattr(reporter, hook)(*args)
+        return call
+
+    def request_stop(self) -> None:
+        super().request_stop()
+        for reporter in self.reporters:
+            reporter.request_stop()
+
+    def should_stop(self) -> bool:
+        return super().should_stop() or any(r.should_stop() for r in self.reporters)
+
+
 def _fmt(value) -> str:
     return "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
 

@@ -1,11 +1,14 @@
 """Supervisely projects as semantic-segmentation training data.
 
 Each item is decoded and rasterised once per run into a memory-mapped cache of images and
-class-index masks at the training size; epochs then read and augment the cached arrays.
+class-index masks at the training size; epochs then read and augment the cached arrays. With spatial
+augmentations (crops, zooms, rotations) the training items are cached at up to twice that size as well:
+the augmenters work on that detail and their output is resized to the training size, as the original app
+augmented full-size images before resizing them.
 
-Class ids: ``__bg__`` (pixels no selected label covers) is class 0, the selected classes
-follow in the order given. Overlaps: labels are painted in the order of the annotation's
-label list, so a label listed later (drawn on top on the platform) wins.
+Class ids: the model's classes in order; ``__bg__`` (pixels no selected label covers) is class 0 unless
+the class list places it elsewhere (the original app put it last). Overlaps: labels are painted in the
+order of the annotation's label list, so a label listed later (drawn on top on the platform) wins.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from custom_net import augs
-from custom_net.preprocessing import ImageReadError, read_image_rgb, resize_image, resize_mask
+from custom_net.preprocessing import ImageReadError, image_file_size, read_image_rgb, resize_image, resize_mask
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,8 @@ BG_CLASS = "__bg__"
 BG_COLOR = [0, 0, 0]
 AREA_GEOMETRIES = (sly.Bitmap, sly.AlphaMask, sly.Polygon, sly.Rectangle)
 ALPHA_THRESHOLD = 127  # AlphaMask pixels more than half opaque belong to the label
+MAX_DETAIL_SCALE = 2.0  # spatial augmentations see at most this much more detail than the network
+MAX_DETAIL_CACHE_BYTES = 8 * 2**30  # and their cache stays under this
 
 
 class DataError(ValueError):
@@ -110,7 +115,10 @@ def has_area(obj_class: sly.ObjClass) -> bool:
 
 
 def build_model_classes(meta: sly.ProjectMeta, class_names: list[str] | None) -> list[sly.ObjClass]:
-    """``__bg__`` followed by the selected classes (all classes with area when None)."""
+    """The model's classes, index = class id: the selected classes (all classes with area when None) with
+    ``__bg__`` first, or where ``class_names`` lists it. Every class is a bitmap, as the model predicts
+    masks (and as the original app's segmentation project had them: its Serve UNet makes a Bitmap label
+    of each)."""
     if class_names is None:
         selected = [c for c in meta.obj_classes if has_area(c) and c.name != BG_CLASS]
     else:
@@ -118,6 +126,8 @@ def build_model_classes(meta: sly.ProjectMeta, class_names: list[str] | None) ->
             raise DataError(f"--classes lists a class twice: {class_names}")
         selected = []
         for name in class_names:
+            if name == BG_CLASS:
+                continue
             obj_class = meta.obj_classes.get(name)
             if obj_class is None:
                 known = ", ".join(c.name for c in meta.obj_classes) or "none"
@@ -128,10 +138,17 @@ def build_model_classes(meta: sly.ProjectMeta, class_names: list[str] | None) ->
                     "only bitmap, alpha mask, polygon and rectangle classes can be segmented"
                 )
             selected.append(obj_class)
-        selected = [c for c in selected if c.name != BG_CLASS]
     if not selected:
         raise DataError("no classes with area to train on (bitmap, alpha mask, polygon or rectangle)")
-    return [sly.ObjClass(BG_CLASS, sly.Bitmap, color=BG_COLOR)] + selected
+    background = meta.obj_classes.get(BG_CLASS) or sly.ObjClass(BG_CLASS, sly.Bitmap, color=BG_COLOR)
+    position = class_names.index(BG_CLASS) if class_names and BG_CLASS in class_names else 0
+    selected.insert(position, background)
+    return [c if c.geometry_type is sly.Bitmap else c.clone(geometry_type=sly.Bitmap) for c in selected]
+
+
+def background_index(class_names: list[str]) -> int | None:
+    """The class id of ``__bg__`` (None for a class list without it)."""
+    return class_names.index(BG_CLASS) if BG_CLASS in class_names else None
 
 
 def load_annotation(item: Item, meta: sly.ProjectMeta) -> sly.Annotation:
@@ -159,8 +176,8 @@ def _paint_clipped(mask: np.ndarray, top: int, left: int, region: np.ndarray, va
 
 
 def rasterize(ann: sly.Annotation, class_to_index: dict[str, int], skipped: Counter | None = None) -> np.ndarray:
-    """Class-index mask (H, W) uint8 of the annotation; unselected classes are left as background."""
-    mask = np.zeros(ann.img_size, dtype=np.uint8)
+    """Class-index mask (H, W) uint8 of the annotation; pixels of no selected class are ``__bg__``."""
+    mask = np.full(ann.img_size, class_to_index.get(BG_CLASS, 0), dtype=np.uint8)
     for label in ann.labels:
         index = class_to_index.get(label.obj_class.name)
         if index is None:
@@ -197,17 +214,39 @@ def load_item(item: Item, meta: sly.ProjectMeta, class_to_index: dict[str, int],
     return image, rasterize(ann, class_to_index, skipped)
 
 
+def detail_scale(items: list[Item], height: int, width: int) -> float:
+    """How much larger than the training size to cache ``items`` for spatial augmentations: as much as the
+    typical (median) image has, up to MAX_DETAIL_SCALE and MAX_DETAIL_CACHE_BYTES; 1 = no larger cache.
+    Reads only the image headers."""
+    ratios = sorted(min(size[0] / height, size[1] / width)
+                    for size in (image_file_size(item.image_path) for item in items) if size is not None)
+    if not ratios:
+        return 1.0
+    budget = (MAX_DETAIL_CACHE_BYTES / (len(items) * height * width * 4)) ** 0.5  # image + mask bytes
+    scale = min(ratios[len(ratios) // 2], MAX_DETAIL_SCALE, budget)
+    return scale if scale >= 1.25 else 1.0  # a little more detail is not worth a second cache
+
+
 class PreparedData:
-    """Images and masks of ``items`` resized to (height, width), decoded once into memory-mapped arrays."""
+    """Images and masks of ``items`` resized to (height, width), decoded once into memory-mapped arrays;
+    with ``detail_scale`` > 1 also ``detail_images`` / ``detail_masks``, that much larger, for spatial
+    augmentations (else None)."""
 
     def __init__(self, items: list[Item], meta: sly.ProjectMeta, class_names: list[str],
-                 height: int, width: int, cache_dir: str | None = None, num_threads: int | None = None):
+                 height: int, width: int, cache_dir: str | None = None, num_threads: int | None = None,
+                 detail_scale: float = 1.0):
         self.items = list(items)
         self.class_names = list(class_names)
+        self.size = (height, width)
         self._tmp = tempfile.TemporaryDirectory(prefix="unet_cache_", dir=cache_dir)
         n = len(self.items)
         self.images = self._allocate("images.npy", (n, height, width, 3))
         self.masks = self._allocate("masks.npy", (n, height, width))
+        self.detail_images = self.detail_masks = None
+        if detail_scale > 1:
+            detail = (round(height * detail_scale), round(width * detail_scale))
+            self.detail_images = self._allocate("detail_images.npy", (n, *detail, 3))
+            self.detail_masks = self._allocate("detail_masks.npy", (n, *detail))
         self.skipped_geometries: Counter = Counter()
         self.pixel_counts = np.zeros(len(class_names), dtype=np.int64)  # at full resolution
         class_to_index = {name: i for i, name in enumerate(class_names)}
@@ -220,6 +259,9 @@ class PreparedData:
                 return str(e), skipped, None
             self.images[i] = resize_image(image, height, width)
             self.masks[i] = resize_mask(mask, height, width)
+            if self.detail_images is not None:
+                self.detail_images[i] = resize_image(image, *self.detail_images.shape[1:3])
+                self.detail_masks[i] = resize_mask(mask, *self.detail_masks.shape[1:3])
             return None, skipped, np.bincount(mask.ravel(), minlength=len(class_names))
 
         errors = []
@@ -260,7 +302,7 @@ class PreparedData:
         return len(self.items)
 
     def close(self) -> None:
-        del self.images, self.masks
+        del self.images, self.masks, self.detail_images, self.detail_masks
         self._tmp.cleanup()
 
 
@@ -306,13 +348,16 @@ class SlySegDataset(Dataset):
 
     def __getitem__(self, key: int):
         epoch, index = divmod(int(key), len(self.data))
-        image = np.asarray(self.data.images[index])
-        mask = np.asarray(self.data.masks[index])
-        if self.augs_config is not None:
+        if self.augs_config is None:
+            image, mask = np.asarray(self.data.images[index]), np.asarray(self.data.masks[index])
+        else:
             if self._augmenter is None:
                 self._augmenter = augs.build_augmenter(self.augs_config)
             sample_seed = (self.seed * 1_000_003 + epoch * 100_003 + index) % (2**31)
-            image, mask = augs.augment(self._augmenter, image, mask, sample_seed)
+            detailed = self.data.detail_images is not None
+            image = np.asarray((self.data.detail_images if detailed else self.data.images)[index])
+            mask = np.asarray((self.data.detail_masks if detailed else self.data.masks)[index])
+            image, mask = augs.augment(self._augmenter, image, mask, sample_seed, self.data.size)
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask))
 
 
@@ -354,39 +399,54 @@ def split_by_datasets(items: list[Item], train_datasets: list[str], val_datasets
 
 
 def split_by_tags(items: list[Item], meta: sly.ProjectMeta, train_tag: str, val_tag: str, untagged: str = "ignore"):
-    """Items tagged ``train_tag`` / ``val_tag``; ``untagged`` items go to 'train', 'val' or are ignored."""
+    """The original app's rule (the SDK's ``Project.get_train_val_splits_by_tag``): items tagged ``train_tag``
+    train, items tagged ``val_tag`` validate, an item with both tags (or with the one tag, when both names
+    are the same) does both; items with neither go to 'train', 'val' or are ignored (``untagged``)."""
     train, val = [], []
     for item in items:
         ann = load_annotation(item, meta)
         names = {tag.name for tag in ann.img_tags}
         if train_tag in names:
             train.append(item)
-        elif val_tag in names:
+        if val_tag in names:
             val.append(item)
-        elif untagged == "train":
-            train.append(item)
-        elif untagged == "val":
-            val.append(item)
+        if not {train_tag, val_tag} & names:
+            {"train": train, "val": val}.get(untagged, []).append(item)
     return _check_split(train, val, f"split by tags {train_tag!r} / {val_tag!r}")
+
+
+def read_item_list(path: str, flag: str = "split file") -> list[tuple[str, str]]:
+    """(dataset_name, item_name) of each entry of a JSON list such as train_set.json (other keys ignored)."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        return [(e["dataset_name"], e["item_name"]) for e in entries]
+    except FileNotFoundError:
+        raise DataError(f"{flag} {path} not found") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
+        raise DataError(f"{flag} {path}: expected a JSON list of {{dataset_name, item_name}} ({e})") from None
 
 
 def split_from_files(items: list[Item], train_path: str, val_path: str):
     by_key = {(i.dataset_name, i.item_name): i for i in items}
 
     def read(path: str) -> list[Item]:
-        try:
-            entries = json.loads(Path(path).read_text(encoding="utf-8"))
-            keys = [(e["dataset_name"], e["item_name"]) for e in entries]
-        except FileNotFoundError:
-            raise DataError(f"split file {path} not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
-            raise DataError(f"split file {path}: expected a JSON list of {{dataset_name, item_name}} ({e})") from None
+        keys = read_item_list(path)
         missing = [k for k in keys if k not in by_key]
         if missing:
             raise DataError(f"split file {path}: {len(missing)} item(s) not in the project, e.g. {missing[0][0]}/{missing[0][1]}")
         return [by_key[k] for k in keys]
 
     return _check_split(read(train_path), read(val_path), "split from files")
+
+
+def indices_in_split(items: list[Item], path: str, flag: str, split: str) -> list[int]:
+    """Positions in ``items`` (one split) of the entries of the item list ``path``."""
+    position = {(i.dataset_name, i.item_name): k for k, i in enumerate(items)}
+    keys = read_item_list(path, flag)
+    missing = [k for k in keys if k not in position]
+    if missing:
+        raise DataError(f"{flag} {path}: {len(missing)} item(s) not in the {split} set, e.g. {missing[0][0]}/{missing[0][1]}")
+    return sorted({position[k] for k in keys})
 
 
 def _check_split(train: list[Item], val: list[Item], how: str):

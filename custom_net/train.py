@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import random
 import shutil
 import signal
@@ -27,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from custom_net import augs, distributed, sly_seg_dataset as data
+from custom_net import augs, distributed, original_app, pretrained, sly_seg_dataset as data
 from custom_net.evaluate import evaluate_training_run
 from custom_net.inference import predict_probabilities
+from custom_net.custom_weights import CustomWeightsError, load_custom_weights
 from custom_net.loss import LOSSES, build_loss
 from custom_net.model import INIT_SCHEMES, UnknownModelError, build_model, model_list
 from custom_net.quantize import CALIBRATION_FILE, save_calibration_images
-from custom_net.reporting import ConsoleReporter, JsonLinesReporter, Reporter
+from custom_net.reporting import Broadcast, ConsoleReporter, JsonLinesReporter, Reporter
 from custom_net.utils import (AMP_MODES, LR_SCHEDULES, OPTIMIZERS, CheckpointSaver, NonFiniteLoss, StopRequested,
                               StorageError, atomic_torch_save, atomic_write_json, atomic_write_text, build_optimizer,
                               build_scheduler, current_lr, parameter_groups, resolve_amp, resolve_num_workers,
@@ -46,14 +46,9 @@ SPLIT_METHODS = ("random", "datasets", "tags", "files")
 COLLAPSE_ROUNDS = 3  # validation rounds predicting one class before the run warns
 FEW_STEPS = 30  # fewer optimizer steps in a whole run than this rarely train a model: the run says so
 WARMUP_SHARE = 0.3  # default cosine warmup, as a share of the run (bench/RESULTS.md: AlbuNet needs a long one)
+PREVIEWS_PER_RUN = 10  # --vis-interval 0
 RESUME_STATE = "resume_state.pt"  # not *.pth: model_*.pth files must stay plain state dicts
 
-# --preset original: the original app's recipe, to compare with or to repeat its runs. Its one
-# quirk is kept too: the epoch schedule stepped before each epoch, so every decay came an epoch early.
-ORIGINAL_PRESET = dict(optimizer="Adam", lr=1e-3, weight_decay=1e-4, lr_schedule="StepLR", step_size=5, gamma_step=0.1,
-                       loss="jaccard_nll", jaccard_weight=0.5, class_weights=None, sly_augs_path="", epochs=10,
-                       scheduler_order="before", init="original", best_metric="val_loss", clip_grad_norm=0.0,
-                       bn_momentum=0.1, decoder_lr_factor=1.0)
 # Options whose default depends on the architecture (model_list holds the values).
 MODEL_DEFAULTS = ("lr", "decoder_lr_factor")
 # Resuming a run started before an option existed: the behaviour of that time (and its optimizer layout).
@@ -133,6 +128,23 @@ def _bn_momentum(text):
     return value
 
 
+def _lr_schedule(text):
+    return text or "none"  # the original app passed "" for no schedule
+
+
+def _milestones(text):
+    """'5', or the original app's one-string form '[5, 10, 15]': a list of epochs (flattened by _Flatten)."""
+    parts = [p for p in text.strip().strip("[]").replace(",", " ").split()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected epochs such as 5 10 15 or \"[5, 10, 15]\", got {text!r}")
+    return [_positive_int(p) for p in parts]
+
+
+class _Flatten(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [v for value in values for v in value])
+
+
 def _fraction(text):
     value = float(text)
     if not 0 <= value <= 1:
@@ -148,18 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true", help="build a synthetic demo project and train on it with CPU-sized defaults")
     g.add_argument("--train-args", metavar="JSON", help="train_args.json of an earlier run: its values become the defaults")
     g.add_argument("--preset", choices=("default", "original"), default="default",
-                   help="'original' = the original app's recipe (Adam 1e-3, StepLR 5/0.1 stepped first, jaccard_nll, "
-                        "no augs, 10 epochs); flags given explicitly still win")
+                   help="'original' = the original app as its dashboard starts (Adam 1e-3 constant, jaccard_nll, "
+                        "augmentations seg_simple, 10 epochs, best by validation loss ...: README); flags given "
+                        "explicitly still win")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR from its last saved epoch")
-    g.add_argument("--classes", nargs="+", metavar="CLASS", help="classes to segment, in this order (default: all with area); __bg__ is added")
-    g.add_argument("--split", choices=SPLIT_METHODS, default="random", help="how to make train / val sets")
+    g.add_argument("--classes", nargs="+", metavar="CLASS",
+                   help="classes to segment, in this order = class ids (default: all with area); __bg__ (pixels of no "
+                        "selected class) is class 0, or where this list names it")
+    g.add_argument("--split", choices=SPLIT_METHODS, default=None,
+                   help="how to make train / val sets (default: files when --train-set is given, else random)")
     g.add_argument("--val-percent", type=float, default=20.0, help="random split: share of items for validation")
     g.add_argument("--train-datasets", nargs="+", default=[], metavar="DS", help="split by datasets: training datasets")
     g.add_argument("--val-datasets", nargs="+", default=[], metavar="DS", help="split by datasets: validation datasets")
     g.add_argument("--train-tag", default="train", help="split by tags: tag of training items")
     g.add_argument("--val-tag", default="val", help="split by tags: tag of validation items")
     g.add_argument("--untagged", choices=("ignore", "train", "val"), default="ignore", help="split by tags: where items with neither tag go")
-    g.add_argument("--train-set", metavar="JSON", help="split from files: train_set.json")
+    g.add_argument("--train-set", metavar="JSON", help="split from files: train_set.json ([{dataset_name, item_name}])")
     g.add_argument("--val-set", metavar="JSON", help="split from files: val_set.json")
     g.add_argument("--sly-augs-path", default="", help="augmentation config (Supervisely / ImgAug Studio JSON) or a template name; empty = none")
     g.add_argument("--input-height", type=_size, default=256, help="model input height (multiple of 32)")
@@ -174,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bn-momentum", type=_bn_momentum, default="auto",
                    help="BatchNorm running-statistics momentum; auto = 1 / iterations per epoch, at least 0.1 "
                         "(PyTorch's), so the statistics validation uses cover about the last epoch")
-    g.add_argument("--custom-weights", default="", metavar="PTH", help="start from this state dict (e.g. a model_*.pth of an earlier run)")
+    g.add_argument("--custom-weights", default="", metavar="PTH",
+                   help="start from this state dict (a model_*.pth of an earlier run, the original app's too); its head "
+                        "is mapped to this run's classes by name")
+    g.add_argument("--custom-weights-classes", metavar="JSON",
+                   help="the classes of --custom-weights, in its head's order (default: model_classes.json in the "
+                        "info/ folder beside the checkpoint's checkpoints/)")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=20)
@@ -182,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per process, i.e. per GPU: under torchrun the global batch is this times the number of processes")
     g.add_argument("--loss", choices=list(LOSSES), default="jaccard_nll", help="ce_dice = cross-entropy + soft Dice; jaccard_nll = the original (1-w)*NLL - w*log(soft Jaccard)")
     g.add_argument("--jaccard-weight", type=_fraction, default=0.5, help="w in the loss (Jaccard or Dice share)")
-    g.add_argument("--class-weights", nargs="+", type=float, metavar="W", help="per-class loss weights, __bg__ first")
+    g.add_argument("--class-weights", nargs="+", type=float, metavar="W", help="per-class loss weights, in class-id order")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, initial weights, order and augmentations")
     g.add_argument("--amp", choices=AMP_MODES, default="auto", help="mixed precision (auto = bf16 where the device runs it fast)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
@@ -203,10 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rescale gradients whose total norm exceeds MAX (0 = off)")
 
     g = p.add_argument_group("learning-rate schedule")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine", help="cosine = linear warmup then cosine decay, per iteration")
+    g.add_argument("--lr-schedule", type=_lr_schedule, choices=LR_SCHEDULES, default="cosine",
+                   help="cosine = linear warmup then cosine decay, per iteration; '' = none")
     g.add_argument("--step-size", type=_positive_int, default=5, help="StepLR: epochs between decays")
     g.add_argument("--gamma-step", type=float, default=0.1, help="StepLR / MultiStepLR factor")
-    g.add_argument("--milestones", type=_positive_int, nargs="+", default=[5, 10, 15], help="MultiStepLR epochs")
+    g.add_argument("--milestones", type=_milestones, nargs="+", action=_Flatten, default=[5, 10, 15],
+                   help="MultiStepLR epochs: 5 10 15, or \"[5, 10, 15]\"")
     g.add_argument("--gamma-exp", type=float, default=0.9, help="ExponentialLR factor per epoch")
     g.add_argument("--warmup-epochs", type=_non_negative_float, default=None,
                    help=f"cosine: linear warmup length in epochs (default: {WARMUP_SHARE * 100:.0f}%% of --epochs)")
@@ -233,8 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None, help="where the decoded-image cache lives during the run (default: system temp)")
     g.add_argument("--metrics-period", type=_positive_int, default=10, help="report training loss every N iterations")
     g.add_argument("--vis-count", type=int, default=3, help="prediction-preview items per split")
-    g.add_argument("--vis-interval", type=int, default=0, help="previews every N epochs (0 = about ten times per run)")
+    g.add_argument("--vis-interval", type=int, default=0,
+                   help="previews every N epochs (0 = about ten times per run; twenty with --preset original)")
     g.add_argument("--reporter", choices=("console", "jsonl", "none"), default="console", help="progress output of the CLI")
+
+    g = p.add_argument_group("the original app's flags", "accepted as its dashboard passed them (README: 'Coming from "
+                             "the original app')")
+    g.add_argument("--classes-path", metavar="JSON",
+                   help="classes in order, as model_classes.json (class JSON objects); where it lists __bg__ is its id")
+    g.add_argument("--train-set-path", dest="train_set", metavar="JSON", help="= --train-set")
+    g.add_argument("--val-set-path", dest="val_set", metavar="JSON", help="= --val-set")
+    g.add_argument("--checkpoints-dir", metavar="DIR",
+                   help="the run's checkpoints/ folder: the run folder is its parent (= --output DIR/..); a run folder "
+                        "prepared by the caller (info/ files, no checkpoints yet) is written into as it is")
+    g.add_argument("--train-vis-items-path", metavar="JSON", help="training items to preview ([{dataset_name, item_name}])")
+    g.add_argument("--val-vis-items-path", metavar="JSON", help="validation items to preview")
+    g.add_argument("--sly", action="store_true",
+                   help="report progress and metrics to the Supervisely task this runs in (TASK_ID, SERVER_ADDRESS, "
+                        "API_TOKEN set), as well as to --reporter")
 
     g = p.add_argument_group("distributed (torchrun; see README 'Scaling out')")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
@@ -257,20 +296,28 @@ def _load_json_defaults(parser, path: str) -> dict:
         raise ArgsError(f"--train-args: {path} is not valid JSON: {e}") from None
     if not isinstance(values, dict):
         raise ArgsError(f"--train-args: {path} must hold a JSON object of argument values")
+    if original_app.is_original_train_args(values):  # replayed as the original app ran it
+        values, notes = original_app.translate_train_args(values, Path(path))
+        for note in notes:
+            warnings.warn(f"--train-args {path}: {note}")
     known = {a.dest for a in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ArgsError(f"--train-args: {path} has unknown argument(s): {', '.join(unknown)}")
     # Re-check every value the way its flag would be checked.
     for action in parser._actions:
-        if action.dest in values and action.type is not None and values[action.dest] is not None:
-            items = values[action.dest] if isinstance(values[action.dest], list) else [values[action.dest]]
+        value = values.get(action.dest)
+        if value is None:
+            continue
+        if action.type is not None:
             try:
-                [action.type(str(v)) for v in items]
+                converted = [action.type(str(v)) for v in value] if isinstance(value, list) else action.type(str(value))
             except (argparse.ArgumentTypeError, ValueError) as e:
-                raise ArgsError(f"--train-args: {path}: {action.dest} = {values[action.dest]!r}: {e}") from None
-        if action.dest in values and action.choices is not None and values[action.dest] not in action.choices:
-            raise ArgsError(f"--train-args: {path}: {action.dest} = {values[action.dest]!r}; "
+                raise ArgsError(f"--train-args: {path}: {action.dest} = {value!r}: {e}") from None
+        else:
+            converted = value
+        if action.choices is not None and converted not in action.choices:
+            raise ArgsError(f"--train-args: {path}: {action.dest} = {value!r}; "
                             f"choose from {', '.join(map(str, action.choices))}")
     return {k: v for k, v in values.items() if k not in _NOT_RECORDED}
 
@@ -292,12 +339,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if first.demo:
             parser.set_defaults(**DEMO_DEFAULTS)
         if first.preset == "original":
-            parser.set_defaults(**ORIGINAL_PRESET)
+            parser.set_defaults(**original_app.ORIGINAL_PRESET)
     args = parser.parse_args(argv)
     if args.resume:
         args.output = args.resume
     if not args.project_dir and not args.demo:
         raise ArgsError("--project-dir is required (or --demo for synthetic data)")
+    given = _given_dests(argv)
+    _resolve_original_flags(args, given)
+    if args.train_args and "project_dir" not in given and not Path(args.project_dir).is_dir():
+        raise ArgsError(f"--train-args {args.train_args}: its project {args.project_dir} is not here; "
+                        "give the project's folder with --project-dir")
     if args.split == "datasets" and not (args.train_datasets and args.val_datasets):
         raise ArgsError("--split datasets needs --train-datasets and --val-datasets")
     if args.split == "files" and not (args.train_set and args.val_set):
@@ -309,27 +361,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, model_list[args.model][key])
     if args.warmup_epochs is None:
         args.warmup_epochs = round(WARMUP_SHARE * args.epochs, 3)
+    if not args.vis_interval:
+        per_run = original_app.ORIGINAL_PREVIEWS_PER_RUN if args.preset == "original" else PREVIEWS_PER_RUN
+        args.vis_interval = max(1, args.epochs // per_run)
     return args
 
 
-def _resolve_encoder_weights(args) -> str:
-    """'auto' becomes 'imagenet' when the weights are in the torch cache, else 'none' (with a notice)."""
+def _given_dests(argv: list[str]) -> set[str]:
+    """The options given on the command line itself (not defaults, presets or train_args.json)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _resolve_original_flags(args, given: set[str]) -> None:
+    """The original app's flags in this app's terms. A flag given on the command line wins over the other
+    form of it from a train_args.json; both forms on the command line are an error."""
+    for ours, theirs in (("classes", "classes_path"), ("output", "checkpoints_dir")):
+        if {ours, theirs} <= given:
+            raise ArgsError(f"give --{ours.replace('_', '-')} or --{theirs.replace('_', '-')}, not both")
+    if args.classes_path and "classes" not in given:
+        try:
+            args.classes = original_app.read_class_titles(args.classes_path, "--classes-path")
+        except ValueError as e:
+            raise ArgsError(str(e)) from None
+    args.classes_path = None  # now in --classes, which train_args.json records
+    if args.checkpoints_dir and "output" not in given and not args.resume:
+        args.output = str(Path(args.checkpoints_dir).parent)
+        if Path(args.checkpoints_dir).name != "checkpoints":
+            warnings.warn(f"--checkpoints-dir {args.checkpoints_dir}: the checkpoints go to {args.output}/checkpoints "
+                          "(the run folder's layout)")
+    else:
+        args.checkpoints_dir = None
+    if args.split is None:
+        args.split = "files" if args.train_set or args.val_set else "random"
+
+
+def _resolve_encoder_weights(args, report) -> str:
+    """'none', 'imagenet' (in the torch cache now, downloaded if need be) or a file. 'auto' = imagenet when
+    the architecture has a pretrained encoder and its weights can be had, else none (with a warning)."""
     spec = args.encoder_weights
     encoder = model_list[args.model]["pretrained_encoder"]
-    if spec != "auto":
-        if spec not in ("none", "imagenet") and not Path(spec).is_file():
+    if spec not in ("auto", "none", "imagenet"):
+        if not Path(spec).is_file():
             raise ArgsError(f"--encoder-weights: file {spec} not found")
         return spec
-    if encoder is None or args.custom_weights:
+    if spec == "none" or (spec == "auto" and (encoder is None or args.custom_weights)):
         return "none"
-    import torchvision
-    weights = torchvision.models.get_model_weights(encoder).IMAGENET1K_V1
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if cached.is_file():
-        return "imagenet"
-    warnings.warn(f"ImageNet weights for the {encoder} encoder are not in the torch cache ({cached}); "
-                  f"training {args.model} from scratch. Put {weights.url} there for a pretrained encoder.")
-    return "none"
+    if encoder is None:
+        raise ArgsError(f"--encoder-weights imagenet: {args.model} has no pretrained encoder; use --encoder-weights none")
+    try:
+        pretrained.ensure_cached(encoder, report)
+    except pretrained.EncoderWeightsMissing as e:
+        if spec == "imagenet":
+            raise ArgsError(str(e)) from None
+        report("warning", f"{e}. Training {args.model} from scratch.")
+        return "none"
+    return "imagenet"
 
 
 def _make_paths_absolute(args) -> None:
@@ -390,35 +479,31 @@ def _make_splits(args, project, items):
     return data.split_from_files(items, args.train_set, args.val_set)
 
 
-def _load_custom_weights(model, path: str, report) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ArgsError(f"--custom-weights: {path} not found") from None
-    except Exception as e:  # torch's unpickling message advises weights_only=False: wrong for a bad file
-        reason = "" if isinstance(e, pickle.UnpicklingError) else f" ({e})"
-        raise ArgsError(f"--custom-weights: {path} is not a PyTorch state dict{reason}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ArgsError(f"--custom-weights: {path} is not a PyTorch state dict (a dict of tensors)")
-    own = model.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    if unexpected:
-        raise ArgsError(f"--custom-weights: {path} does not fit this architecture "
-                        f"(unexpected keys such as {unexpected[0]})")
-    # A checkpoint trained for other classes: keep everything but the differently shaped head.
-    mismatched = [k for k in state if state[k].shape != own[k].shape]
-    for key in mismatched:
-        del state[key]
-    model.load_state_dict(state, strict=False)
-    if mismatched:
-        report("warning", f"--custom-weights: {len(mismatched)} tensor(s) of another shape left untrained-initialised "
-                          f"({', '.join(mismatched)}): the class count differs")
+def _vis_items(args, train_items, val_items) -> dict[str, list[int]]:
+    """Indices of the items previewed each round: those of --train/val-vis-items-path, else --vis-count
+    drawn by --seed."""
+    chosen = {}
+    for split, items, path, seed in (("train", train_items, args.train_vis_items_path, args.seed),
+                                     ("val", val_items, args.val_vis_items_path, args.seed + 1)):
+        if path:
+            chosen[split] = data.indices_in_split(items, path, f"--{split}-vis-items-path", split)
+        else:
+            indices = list(range(len(items)))
+            random.Random(seed).shuffle(indices)
+            chosen[split] = sorted(indices[: max(0, args.vis_count)])
+    return chosen
 
 
-def _vis_items(items, count: int, seed: int) -> list[int]:
-    indices = list(range(len(items)))
-    random.Random(seed).shuffle(indices)
-    return sorted(indices[: max(0, count)])
+def _output_dir(args) -> Path:
+    """The run folder: --output (--resume's folder), or a free name beside it when it holds something. A
+    folder that the original app's dashboard prepared for --checkpoints-dir (info/ written, no checkpoints
+    yet) is the run's own."""
+    path = Path(args.output)
+    if args.resume:
+        return path
+    prepared = args.checkpoints_dir and not any(
+        next((path / "checkpoints").glob(pattern), None) for pattern in ("model_*.pth", RESUME_STATE, "train_args.json"))
+    return path if prepared else _free_output_dir(path)
 
 
 @contextmanager
@@ -438,12 +523,26 @@ def _make_reporter(name: str) -> Reporter:
     return {"console": ConsoleReporter, "jsonl": JsonLinesReporter, "none": Reporter}[name]()
 
 
+def _with_platform_task(reporter: Reporter) -> Reporter:
+    """--sly: report to the Supervisely task this process runs in, when it runs in one. There the task log
+    is the console: the SDK's progress events replace the console's progress bars, which would break up
+    their JSON lines."""
+    from custom_net import sly_integration
+
+    if not sly_integration.in_platform_task():
+        reporter.message("info", "--sly: not running in a Supervisely task (TASK_ID, SERVER_ADDRESS, API_TOKEN are "
+                                 "not set): progress goes to this output only")
+        return reporter
+    task = sly_integration.TaskLogReporter()
+    return task if type(reporter) is ConsoleReporter else Broadcast(reporter, task)
+
+
 def ui_state_from_args(args, model_classes) -> dict:
     """What the dashboard would hold for this run; serving reads selectedModel and imgSize."""
     return {
         "selectedModel": args.model,
         "imgSize": {"width": args.input_width, "height": args.input_height},
-        "selectedClasses": [c.name for c in model_classes[1:]],
+        "selectedClasses": [c.name for c in model_classes if c.name != data.BG_CLASS],
         "augsConfig": args.sly_augs_path,
         "epochs": args.epochs,
         "batchSizePerGPU": args.batch_size,
@@ -460,6 +559,8 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
     before the output folder is created."""
     args = parse_args(argv)
     reporter = reporter or _make_reporter(args.reporter if distributed.env_rank() == 0 else "none")  # rank 0 reports
+    if args.sly and distributed.env_rank() == 0:
+        reporter = _with_platform_task(reporter)
     report = reporter.message
 
     # ---- everything that can be wrong with the input is checked before the output folder exists
@@ -471,8 +572,13 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
     model_classes = data.build_model_classes(project.meta, args.classes)
     class_names = [c.name for c in model_classes]
     train_items, val_items = _make_splits(args, project, items)
+    both = sorted({i.key["dataset_name"] + "/" + i.key["item_name"] for i in set(train_items) & set(val_items)})
+    if both:
+        report("warning", f"{len(both)} item(s) are in both the training and the validation set (e.g. {both[0]}): "
+                          "validation scores them after training on them")
     augs_config = augs.load_augs_config(args.sly_augs_path) if args.sly_augs_path else None
-    args.encoder_weights = _resolve_encoder_weights(args)
+    vis_items = _vis_items(args, train_items, val_items)
+    args.encoder_weights = _resolve_encoder_weights(args, report)
     _make_paths_absolute(args)
     dist_ctx = distributed.setup(args.gpu_id, args.dist_timeout, args.sync_bn)  # world_size 1 outside torchrun
     device = dist_ctx.device
@@ -480,7 +586,10 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
     seed_everything(args.seed)
     model = build_model(args.model, len(model_classes), args.encoder_weights, args.init)
     if args.custom_weights:
-        _load_custom_weights(model, args.custom_weights, report)
+        try:
+            load_custom_weights(model, args.custom_weights, class_names, report, args.custom_weights_classes)
+        except CustomWeightsError as e:
+            raise ArgsError(str(e)) from None
     criterion = build_loss(args.loss, len(model_classes), args.jaccard_weight, args.class_weights)
     _check_output_storage(args, model)
     if args.batch_size > len(train_items):
@@ -488,7 +597,10 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
                           f"each epoch is a single batch of {len(train_items)}")
 
     started = time.time()
-    train_data = data.PreparedData(train_items, project.meta, class_names, args.input_height, args.input_width, args.cache_dir)
+    detail = (data.detail_scale(train_items, args.input_height, args.input_width)
+              if augs_config is not None and augs.is_spatial(augs_config) else 1.0)
+    train_data = data.PreparedData(train_items, project.meta, class_names, args.input_height, args.input_width,
+                                   args.cache_dir, detail_scale=detail)
     try:
         val_data = data.PreparedData(val_items, project.meta, class_names, args.input_height, args.input_width, args.cache_dir)
     except data.DataError:
@@ -498,18 +610,19 @@ def main(argv: list[str] | None = None, reporter: Reporter | None = None, ui_sta
         skipped = train_data.skipped_geometries + val_data.skipped_geometries
         if skipped:
             report("warning", "labels without area were skipped: " + ", ".join(f"{k} x{v}" for k, v in sorted(skipped.items())))
-        unlabelled = [name for name, n in zip(class_names[1:], (train_data.pixel_counts + val_data.pixel_counts)[1:]) if n == 0]
+        unlabelled = [name for name, n in zip(class_names, train_data.pixel_counts + val_data.pixel_counts)
+                      if n == 0 and name != data.BG_CLASS]
         if unlabelled:
             raise data.DataError(f"class(es) {', '.join(map(repr, unlabelled))} have no labelled pixels in the "
                                  "training or validation items; label them or leave them out of --classes")
-        return _run(args, reporter, ui_state, project, model_classes, train_data, val_data, augs_config,
+        return _run(args, reporter, ui_state, project, model_classes, train_data, val_data, augs_config, vis_items,
                     model, criterion, device, amp_dtype, started, dist_ctx)
     finally:
         train_data.close()
         val_data.close()
 
 
-def _run(args, reporter, ui_state, project, model_classes, train_data, val_data, augs_config,
+def _run(args, reporter, ui_state, project, model_classes, train_data, val_data, augs_config, vis,
          model, criterion, device, amp_dtype, started, dist_ctx) -> dict:
     report = reporter.message
     class_names = [c.name for c in model_classes]
@@ -533,10 +646,10 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
 
     # ---- the artifact tree
     resuming = bool(args.resume)
-    output = Path(args.output) if resuming else _free_output_dir(Path(args.output))
-    if not resuming and output != Path(args.output):
+    output = _output_dir(args)
+    if output != Path(args.output):
         report("info", f"{args.output} exists and is not empty: writing to {output}")
-    args.output = str(output)
+    args.output, args.checkpoints_dir = str(output), None  # train_args.json records the folder as --output
     checkpoints, info = output / "checkpoints", output / "info"
     if dist_ctx.is_main:  # rank 0 alone writes the artifact tree
         for folder in (checkpoints, info, info / "charts", info / "previews"):
@@ -570,7 +683,8 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
         recorded = {k: v for k, v in vars(args).items() if k not in _NOT_RECORDED}
         atomic_write_json(checkpoints / "train_args.json", recorded)
         atomic_write_json(info / "model_classes.json", [c.to_json() for c in model_classes])
-        atomic_write_json(info / "ui_state.json", ui_state or ui_state_from_args(args, model_classes))
+        caller_state = json.loads((info / "ui_state.json").read_text()) if (info / "ui_state.json").is_file() else {}
+        atomic_write_json(info / "ui_state.json", {**caller_state, **(ui_state or ui_state_from_args(args, model_classes))})
         atomic_write_json(info / "train_set.json", [i.key for i in train_data.items])
         atomic_write_json(info / "val_set.json", [i.key for i in val_data.items])
         if augs_config is not None:
@@ -578,12 +692,9 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
             atomic_write_text(info / "augs_preview.py", augs.augs_to_python(augs_config))
     if dist_ctx.is_main and not (info / CALIBRATION_FILE).is_file():  # also for a resumed run that predates it
         save_calibration_images(info / CALIBRATION_FILE, train_data.images)
-    vis = {"train": _vis_items(train_data.items, args.vis_count, args.seed),
-           "val": _vis_items(val_data.items, args.vis_count, args.seed + 1)}
     for split, prepared in (("train", train_data), ("val", val_data)):
         if dist_ctx.is_main:
             atomic_write_json(info / f"{split}_vis_items.json", [prepared.items[i].key for i in vis[split]])
-    vis_interval = args.vis_interval or max(1, args.epochs // 10)
 
     reporter.start({"epochs": args.epochs, "start_epoch": start_epoch, "iters_per_epoch": len(train_loader),
                     "val_iters": len(val_loader), "train_size": len(train_data), "val_size": len(val_data),
@@ -640,7 +751,7 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
                         report("warning", _collapse_advice(args, record["collapsed_to"]))
                     _write_metrics_log(info, history)
                     saver.on_epoch_end(model, epoch, record if "val_loss" in record else None)
-                    if epoch % vis_interval == 0 or epoch == args.epochs:
+                    if epoch % args.vis_interval == 0 or epoch == args.epochs:
                         _previews(reporter, model, epoch, vis, train_data, val_data, model_classes, device, amp_dtype, info)
                     if "val_loss" in record:
                         save_charts(history, info / "charts", class_names)
@@ -739,7 +850,9 @@ def _previews(reporter, model, epoch, vis, train_data, val_data, model_classes, 
             continue
         images = np.stack([prepared.images[i] for i in indices])
         predictions = predict_probabilities(model, images, device, amp_dtype).argmax(1).to(torch.uint8).cpu().numpy()
-        panels = [(prepared.items[i].item_name, preview_panel(images[k], prepared.masks[i], predictions[k], colors))
+        background = data.background_index([c.name for c in model_classes])
+        panels = [(prepared.items[i].item_name,
+                   preview_panel(images[k], prepared.masks[i], predictions[k], colors, background))
                   for k, i in enumerate(indices)]
         save_png(info / "previews" / f"{split}_epoch_{epoch:03d}.png", np.concatenate([p for _, p in panels], axis=0))
         reporter.previews(epoch, split, panels)

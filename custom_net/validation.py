@@ -6,7 +6,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from custom_net.sly_seg_dataset import BG_CLASS
 from custom_net.utils import forward_batch
+
+
+def foreground(class_names: list[str]) -> list[int]:
+    """Indices of the classes other than ``__bg__``, wherever the class list puts it."""
+    return [i for i, name in enumerate(class_names) if name != BG_CLASS]
 
 
 class ConfusionMatrix:
@@ -37,38 +43,37 @@ class ConfusionMatrix:
                 "iou": tp / (tp + fp + fn), "dice": 2 * tp / (2 * tp + fp + fn),
                 "precision": tp / (tp + fp), "recall": tp / (tp + fn)}
 
-    def metrics(self, class_names: list[str], background_index: int | None = 0) -> dict:
+    def metrics(self, class_names: list[str]) -> dict:
         """Per-class IoU / Dice and their means over all and over foreground classes.
 
         A class absent from both ground truth and prediction has undefined IoU (NaN in the
         per-class lists) and is left out of the means.
         """
         s = self.class_stats()
-        foreground = [i for i in range(self.num_classes) if i != background_index]
+        fg = foreground(class_names)
         total = s["support"].sum().item()
         return {
             "pixel_accuracy": s["tp"].sum().item() / total if total else float("nan"),
             "mean_iou": nanmean(s["iou"], range(self.num_classes)),
-            "mean_fg_iou": nanmean(s["iou"], foreground),
+            "mean_fg_iou": nanmean(s["iou"], fg),
             "mean_dice": nanmean(s["dice"], range(self.num_classes)),
-            "mean_fg_dice": nanmean(s["dice"], foreground),
+            "mean_fg_dice": nanmean(s["dice"], fg),
             "iou": dict(zip(class_names, s["iou"].tolist())),
             "dice": dict(zip(class_names, s["dice"].tolist())),
         }
 
-    def full_metrics(self, class_names: list[str], background_index: int | None = 0) -> dict:
+    def full_metrics(self, class_names: list[str]) -> dict:
         """``metrics`` plus per-class precision / recall, their means, frequency-weighted IoU and the
         matrix itself (counts and row-normalised: row = ground truth, so the diagonal is recall)."""
         s = self.class_stats()
-        result = self.metrics(class_names, background_index)
-        foreground = [i for i in range(self.num_classes) if i != background_index]
+        result = self.metrics(class_names)
         total = s["support"].sum()
         # Weights are ground-truth frequencies; a class with no ground truth weighs 0 even if its IoU is NaN.
         result["frequency_weighted_iou"] = ((s["support"] / total) * s["iou"].nan_to_num(0)).sum().item() \
             if total else float("nan")
         for key in ("precision", "recall"):
             result[key] = dict(zip(class_names, s[key].tolist()))
-            result[f"mean_fg_{key}"] = nanmean(s[key], foreground)
+            result[f"mean_fg_{key}"] = nanmean(s[key], foreground(class_names))
         result["support"] = dict(zip(class_names, s["support"].long().tolist()))
         counts = self.matrix.cpu()
         result["confusion_matrix"] = counts.tolist()
@@ -113,12 +118,11 @@ class BoundaryIoU:
     def per_class(self) -> torch.Tensor:
         return torch.stack([m.class_stats()["iou"][1] for m in self.matrices])
 
-    def metrics(self, class_names: list[str], background_index: int | None = 0) -> dict:
+    def metrics(self, class_names: list[str]) -> dict:
         iou = self.per_class()
-        foreground = [i for i in range(self.num_classes) if i != background_index]
         return {"boundary_iou": dict(zip(class_names, iou.tolist())),
                 "mean_boundary_iou": nanmean(iou, range(self.num_classes)),
-                "mean_fg_boundary_iou": nanmean(iou, foreground),
+                "mean_fg_boundary_iou": nanmean(iou, foreground(class_names)),
                 "boundary_width": self.width}
 
 

@@ -15,16 +15,18 @@ def colorize(mask: np.ndarray, colors: list[list[int]]) -> np.ndarray:
     return palette[mask]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, colors: list[list[int]], alpha: float = 0.5) -> np.ndarray:
-    """Classes other than background (index 0) blended over the image."""
+def overlay(image: np.ndarray, mask: np.ndarray, colors: list[list[int]], alpha: float = 0.5,
+            background: int | None = 0) -> np.ndarray:
+    """Classes other than ``background`` (the class id of __bg__) blended over the image."""
     blended = cv2.addWeighted(image, 1 - alpha, colorize(mask, colors), alpha, 0)
-    return np.where((mask > 0)[..., None], blended, image)
+    return np.where((mask != background)[..., None], blended, image)
 
 
 def preview_panel(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray,
-                  colors: list[list[int]]) -> np.ndarray:
+                  colors: list[list[int]], background: int | None = 0) -> np.ndarray:
     """image | ground truth | prediction, side by side (ground truth omitted when unknown)."""
-    parts = [image] + ([overlay(image, truth, colors)] if truth is not None else []) + [overlay(image, prediction, colors)]
+    parts = [image] + ([overlay(image, truth, colors, background=background)] if truth is not None else []) \
+        + [overlay(image, prediction, colors, background=background)]
     gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
     row = [parts[0]]
     for part in parts[1:]:
@@ -78,7 +80,9 @@ def save_charts(history: list[dict], directory: Path, class_names: list[str]) ->
         x = [r["epoch"] for r in val]
         ax.plot(x, [r["mean_fg_iou"] for r in val], marker="o", label="mean IoU (foreground)")
         ax.plot(x, [r["mean_fg_dice"] for r in val], marker="o", label="mean Dice (foreground)")
-        for name in class_names[1:]:
+        for name in class_names:
+            if name == "__bg__":
+                continue
             ax.plot(x, [r["iou"].get(name, float("nan")) for r in val], linestyle="--", label=f"IoU {name}")
     ax.set_ylim(0, 1)
     finish(fig, ax, "metrics.png", "validation metric")

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from custom_net.reporting import Reporter
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
-# Tests never download and never read the user's caches.
+# Tests never download and never read the user's caches: ImageNet weights come from a closed local port
+# (refused at once), unless a test serves them itself.
 os.environ.setdefault("UNET_CACHE_DIR", str(REPO / ".pytest_cache" / "unet_cache"))
+os.environ["UNET_WEIGHTS_MIRROR"] = "http://127.0.0.1:9"
 
 
 def shared_path(*parts: str) -> Path:
@@ -38,6 +42,17 @@ def tiny_project(tmp_path_factory) -> Path:
     from custom_net.demo import build_demo_project
 
     return build_demo_project(tmp_path_factory.mktemp("tiny") / "project", images_per_dataset=(6, 4, 2), size=(64, 48))
+
+
+class MessageReporter(Reporter):
+    """Keeps the run's messages as (level, text)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[tuple[str, str]] = []
+
+    def message(self, level, text):
+        self.messages.append((level, text))
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, script: str = "train.py") -> subprocess.CompletedProcess:

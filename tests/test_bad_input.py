@@ -259,6 +259,19 @@ def test_custom_weights_not_a_state_dict(tiny_project, tmp_path, kind):
 # ---- not an error ------------------------------------------------------------------------------------
 
 
+def test_imagenet_weights_offline_train_from_scratch_with_auto(tiny_project, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # empty; the download is refused
+    reporter = RecordingReporter()
+    summary = main([*ARGS, "--project-dir", str(tiny_project), "--model", "LinkNet34", "--encoder-weights", "auto",
+                    "--no-eval", "--output", str(tmp_path / "out")], reporter=reporter)
+    assert summary["status"] == "finished"
+    warnings = [text for level, text in reporter.messages if level == "warning" and "could not be downloaded" in text]
+    assert len(warnings) == 1 and "Training LinkNet34 from scratch" in warnings[0]
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet34-") in warnings[0]
+    recorded = json.loads((tmp_path / "out" / "checkpoints" / "train_args.json").read_text())
+    assert recorded["encoder_weights"] == "none"
+
+
 def test_batch_larger_than_train_set_warns_and_trains(tiny_project, tmp_path):
     reporter = RecordingReporter()
     out = tmp_path / "out"
@@ -277,11 +290,14 @@ def test_batch_larger_than_train_set_warns_and_trains(tiny_project, tmp_path):
 # ---- the same through the command line --------------------------------------------------------------
 
 
-def test_cli_reports_bad_input_with_exit_code_2(project, tmp_path):
+def test_cli_reports_bad_input_with_exit_code_2(project, tmp_path, monkeypatch):
     (project / ITEM).write_bytes(b"garbage")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty torch cache; downloads are refused
     cases = {  # name: (args, what stderr must name)
         "unknown model": (["--project-dir", str(project), "--model", "Bogus"], "--model"),
         "corrupt image": (["--project-dir", str(project)], str(project / ITEM)),
+        "ImageNet weights offline": (["--project-dir", str(project), "--model", "LinkNet34", "--encoder-weights",
+                                      "imagenet"], str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet34-")),
     }
 
     def run(case):

@@ -15,21 +15,24 @@ from custom_net.sly_integration import (Launch, check_setting, describe_evaluati
 from custom_net.train import build_parser, parse_args
 
 ACTIONS = {a.dest: a for a in build_parser()._actions if a.option_strings and a.dest != "help"}
-# Options that only make sense on their own or need files: covered elsewhere.
-SKIP = {"demo", "train_args", "resume", "train_set", "val_set"}
+# Options that only make sense on their own or need files, and the original app's forms of --classes and
+# --output (read into those): covered elsewhere.
+SKIP = {"demo", "train_args", "resume", "train_set", "val_set", "classes_path", "checkpoints_dir"}
 
 
 def _other_value(action):
     if action.choices is not None:
         return next(c for c in action.choices if c != action.default)
-    if isinstance(action, argparse.BooleanOptionalAction):
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
         return not action.default
     special = {"project_dir": "/data/my project", "classes": ["kiwi", "lemon"], "train_datasets": ["a", "b c"],
                "val_datasets": ["v"], "input_height": 96, "input_width": 160, "class_weights": [0.5, 2.0],
                "milestones": [2, 4], "gpu_id": "cuda:1", "sly_augs_path": "seg_simple", "encoder_weights": "imagenet",
                "custom_weights": "/w/model 001.pth", "output": "/r/exp 1", "cache_dir": "/tmp/c", "train_tag": "t",
                "val_tag": "v", "jaccard_weight": 0.3, "val_percent": 25.0, "lr": 0.02, "min_lr": 1e-5,
-               "num_workers": 2, "bn_momentum": 0.3, "warmup_epochs": 2.5, "decoder_lr_factor": 0.5}
+               "num_workers": 2, "bn_momentum": 0.3, "warmup_epochs": 2.5, "decoder_lr_factor": 0.5,
+               "custom_weights_classes": "/w/model classes.json", "train_vis_items_path": "/w/train vis.json",
+               "val_vis_items_path": "/w/val vis.json"}
     if action.dest in special:
         return special[action.dest]
     assert isinstance(action.default, (int, float)) and not isinstance(action.default, bool), action.dest

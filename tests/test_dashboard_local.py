@@ -145,14 +145,15 @@ def test_device_selector(app):
 def test_recipe_fills_the_fields_it_decides(app):
     """"original app" sets what --preset original sets; "defaults" puts the engine defaults back;
     fields no recipe decides keep what the user typed."""
-    app.post("s06_preset/value_changed", s06_preset={"value": "original"}, s06_input_height={"value": "96"})
+    app.post("s06_preset/value_changed", s06_preset={"value": "original"}, s06_input_height={"value": "96"},
+             s06_seed={"value": "7"})
     state = app.state()
     assert state["s06_epochs"]["value"] == "10" and state["s06_lr"]["value"] == "0.001"
-    assert state["s06_clip_grad_norm"]["value"] == "0.0"
+    assert state["s06_clip_grad_norm"]["value"] == "0.0" and state["s06_max_keep_ckpts"]["value"] == "3"
     assert (state["s06_loss"]["value"], state["s06_lr_schedule"]["value"], state["s06_scheduler_order"]["value"],
-            state["s06_init"]["value"], state["s06_best_metric"]["value"]) == ("jaccard_nll", "StepLR", "before",
+            state["s06_init"]["value"], state["s06_best_metric"]["value"]) == ("jaccard_nll", "none", "before",
                                                                               "original", "val_loss")
-    assert state["s06_input_height"]["value"] == "96"
+    assert state["s06_input_height"]["value"] == "256" and state["s06_seed"]["value"] == "7"
     app.post("s06_preset/value_changed", s06_preset={"value": "default"})
     state = app.state()
     assert (state["s06_epochs"]["value"], state["s06_loss"]["value"], state["s06_lr_schedule"]["value"],
@@ -299,7 +300,9 @@ def test_every_widget_value_lands_in_the_argv(app):
     widgets = {dest for dest in actions if f"s06_{dest}" in state}
     earlier = {"project_dir", "split", "val_percent", "train_datasets", "val_datasets", "train_tag", "val_tag",
                "untagged", "classes", "sly_augs_path", "model", "encoder_weights", "custom_weights"}
-    app_owned = {"output", "reporter", "cache_dir", "demo", "train_args", "resume", "train_set", "val_set"}
+    app_owned = {"output", "reporter", "cache_dir", "demo", "train_args", "resume", "train_set", "val_set",
+                 "custom_weights_classes", "classes_path", "checkpoints_dir", "train_vis_items_path",
+                 "val_vis_items_path", "sly"}
     assert set(actions) == widgets | earlier | app_owned, set(actions) - widgets - earlier - app_owned
     wanted, patch = {}, {}
     for dest in sorted(widgets):

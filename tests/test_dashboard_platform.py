@@ -152,3 +152,16 @@ def test_upload_that_gives_up_keeps_the_run_and_shows_the_command(app, platform)
     assert {path[len(remote):] for path in platform.files if path.startswith(remote)} == local
     assert platform.task_outputs[-1]["output"]["general"]["title"] == remote
 
+
+
+def test_custom_weights_from_team_files_bring_their_classes(app, platform):
+    """After the runs above: step 05 takes a checkpoint of the uploaded run from Team Files together with its
+    info/model_classes.json, which the engine maps the head's channels with."""
+    remote = f"/unet/{TASK_ID}_exp/checkpoints/model_001_best.pth"
+    app.click("s05_restart")
+    app.click("s05_apply", s05_model={"selectedRow": 0}, s05_weights={"value": "custom"},
+              s05_custom_path={"value": remote})
+    assert app.status(5)[0] == "success", app.status(5)
+    local = app.data_dir / "team_files" / "unet" / f"{TASK_ID}_exp"
+    assert (local / "checkpoints" / "model_001_best.pth").read_bytes() == platform.files[remote]
+    assert (local / "info" / "model_classes.json").read_bytes() == platform.files[f"/unet/{TASK_ID}_exp/info/model_classes.json"]

@@ -549,3 +549,54 @@ def test_dataset_augmentation_independent_of_workers(tiny_prepared):
         assert all(torch.equal(a, b) for a, b in zip(dataset[k], expected[k - keys[0]]))
     other_epoch = [dataset[12 * 5 + i] for i in range(12)]
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(expected, other_epoch))
+
+
+# ---- spatial augmentations see the detail of the image -----------------------------------------------
+
+def _striped_project(folder, side: int):
+    """One side x side image of 4-pixel black and white stripes (a rectangle label), as PNG."""
+    project = sly.Project(str(folder), sly.OpenMode.CREATE)
+    meta = sly.ProjectMeta(obj_classes=sly.ObjClassCollection([sly.ObjClass("stripe", sly.Rectangle)]))
+    project.set_meta(meta)
+    image = np.zeros((side, side, 3), np.uint8)
+    image[:, (np.arange(side) // 4) % 2 == 0] = 255
+    cv2.imwrite(str(folder / "striped.png"), image)
+    label = sly.Label(sly.Rectangle(side // 4, side // 4, side - side // 4, side - side // 4), meta.get_obj_class("stripe"))
+    project.create_dataset("ds").add_item_file("striped.png", str(folder / "striped.png"), ann=sly.Annotation((side, side), [label]))
+    return image
+
+
+ZOOM_2X = {"pipeline": [{"category": "size", "name": "Crop", "params": {"percent": 0.25, "keep_size": False}}],
+           "random_order": False}
+
+
+def test_a_zoomed_crop_keeps_the_sharpness_of_the_image(tmp_path):
+    """The original app cropped the full-size image, then resized: a 2x zoom of 4-pixel stripes at a quarter of
+    their size keeps full contrast. Cropping the training-size cache instead upsamples 1-pixel mush."""
+    image = _striped_project(tmp_path / "p", 512)
+    items, meta = _items_and_meta(tmp_path / "p")
+    expected = resize_image(image[128:384, 128:384], 128, 128)  # crop at full size, then resize
+    assert augs.is_spatial(ZOOM_2X) and data.detail_scale(items, 128, 128) == 2.0
+    results = {}
+    for scale in (1.0, data.detail_scale(items, 128, 128)):
+        prepared = data.PreparedData(items, meta, ["__bg__", "stripe"], 128, 128, detail_scale=scale)
+        try:
+            sample, mask = data.SlySegDataset(prepared, ZOOM_2X)[0]
+            results[scale] = sample.numpy()
+            assert sample.shape == (128, 128, 3) and mask.shape == (128, 128)
+            assert (mask.numpy() == 1).all()  # the crop lies inside the label
+        finally:
+            prepared.close()
+    assert np.abs(results[2.0].astype(int) - expected).mean() < 2 and results[2.0].std() > 0.95 * expected.std()
+    assert results[1.0].std() < 0.6 * expected.std()  # what augmenting the training-size cache gives
+
+
+def test_detail_is_only_what_the_images_have(tmp_path):
+    _striped_project(tmp_path / "small", 144)
+    small, _ = _items_and_meta(tmp_path / "small")
+    assert data.detail_scale(small, 128, 128) == 1.0  # 1.125x more detail is not worth a second cache
+    _striped_project(tmp_path / "mid", 224)
+    mid, _ = _items_and_meta(tmp_path / "mid")
+    assert data.detail_scale(mid, 128, 128) == 1.75
+    assert not augs.is_spatial(augs.load_augs_config("seg_simple"))
+    assert augs.is_spatial(augs.load_augs_config("seg_simple_rotate"))

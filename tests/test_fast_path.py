@@ -14,28 +14,19 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from tests.conftest import TINY_TRAIN_ARGS
+from tests.conftest import TINY_TRAIN_ARGS, MessageReporter as Messages
 from custom_net import sly_seg_dataset as data
 from custom_net.inference import predict_probabilities, prepare_fast_model
 from custom_net.model import build_model, fold_batchnorm, model_list
 from custom_net.preprocessing import resize_image, resize_mask
 from custom_net.reporting import Reporter
-from custom_net.train import (COLLAPSE_ROUNDS, FEW_STEPS, ORIGINAL_PRESET, ArgsError, _collapse_warning, build_parser,
+from custom_net.train import (COLLAPSE_ROUNDS, FEW_STEPS, ArgsError, _collapse_warning, build_parser,
                               main, parse_args)
 from custom_net.utils import (NonFiniteLoss, build_optimizer, build_scheduler, forward_batch, parameter_groups,
                               resolve_num_workers, set_bn_momentum, train_one_epoch)
 from custom_net.validation import ConfusionMatrix, collapsed_class
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class Messages(Reporter):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def message(self, level, text):
-        self.messages.append((level, text))
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +115,6 @@ def test_he_init_keeps_the_signal_alive_from_scratch(name):
         with torch.no_grad():
             stds[init] = build_model(name, 2, "none", init)(x).std().item()
     assert stds["he"] > 5 * stds["original"], stds
-
-
-def test_preset_original_is_the_original_recipe():
-    args = parse_args(["--demo", "--preset", "original"])
-    for key, value in ORIGINAL_PRESET.items():
-        assert getattr(args, key) == value, key
-    assert (args.loss, args.lr_schedule, args.scheduler_order) == ("jaccard_nll", "StepLR", "before")
-    # Flags given explicitly still win over the preset.
-    assert parse_args(["--demo", "--preset", "original", "--epochs", "3", "--lr", "0.01"]).epochs == 3
-    defaults = parse_args(["--demo"])
-    assert (defaults.loss, defaults.lr_schedule, defaults.scheduler_order, defaults.init, defaults.clip_grad_norm) == \
-           ("jaccard_nll", "cosine", "after", "he", 1.0)
 
 
 def test_learning_rates_are_the_architectures(tmp_path):

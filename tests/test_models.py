@@ -117,6 +117,66 @@ def test_encoder_weights_from_cache_and_from_file(name, tmp_path, monkeypatch):
         assert torch.equal(conv, source[first_conv])
 
 
+class _WeightsServer:
+    """Serves the files of a folder on 127.0.0.1, as a weights mirror would."""
+
+    def __init__(self, folder):
+        import functools
+        import http.server
+        import threading
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *args: None
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def resnet34_mirror(tmp_path, monkeypatch):
+    """A mirror serving a resnet34 state dict under a torchvision-style name whose hash prefix is its own,
+    an empty torch cache, and the mirror as UNET_WEIGHTS_MIRROR. Yields (weights, file name, cache, served)."""
+    import hashlib
+    from custom_net import pretrained
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.manual_seed(5)
+    weights = torchvision.models.resnet34(weights=None).state_dict()
+    torch.save(weights, served / "resnet34.pth")
+    name = f"resnet34-{hashlib.sha256((served / 'resnet34.pth').read_bytes()).hexdigest()[:8]}.pth"
+    (served / "resnet34.pth").rename(served / name)
+    server = _WeightsServer(served)
+    monkeypatch.setenv("UNET_WEIGHTS_MIRROR", server.url)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    official = pretrained.official_url
+    monkeypatch.setattr(pretrained, "official_url", lambda encoder: official(encoder).rsplit("/", 1)[0] + "/" + name
+                        if encoder == "resnet34" else official(encoder))
+    yield weights, name, tmp_path / "hub" / "checkpoints", served
+    server.close()
+
+
+def test_imagenet_weights_are_downloaded_into_the_torch_cache(resnet34_mirror, capsys):
+    weights, name, cache, _ = resnet34_mirror
+    model = build_model("LinkNet34", num_classes=2, encoder_weights="imagenet")
+    assert torch.equal(model.firstconv.weight, weights["conv1.weight"])
+    assert (cache / name).is_file() and [p.name for p in cache.iterdir()] == [name]  # no temporary file left
+    assert name in capsys.readouterr().err  # the progress bar
+    build_model("AlbuNet", num_classes=2, encoder_weights="imagenet")  # from the cache now
+    assert [p.name for p in cache.iterdir()] == [name]
+
+
+def test_a_corrupt_download_is_refused(resnet34_mirror):
+    _, name, cache, served = resnet34_mirror
+    (served / name).write_bytes(b"not the weights" * 1000)
+    with pytest.raises(EncoderWeightsMissing, match="does not match") as err:
+        build_model("LinkNet34", num_classes=2, encoder_weights="imagenet")
+    assert str(cache / name) in str(err.value)
+    assert not cache.exists() or not any(cache.iterdir())
+
+
 def test_unet_refuses_encoder_weights():
     with pytest.raises(UnknownModelError, match="no pretrained encoder"):
         build_model("UNet", num_classes=2, encoder_weights="imagenet")

@@ -125,6 +125,24 @@ FAULTS = [
           "Phase `upload failed`; the card names the kept run folder and the command; the command uploads it and "
           "sets the task output",
           (DASHBOARD_PLATFORM + "test_upload_that_gives_up_keeps_the_run_and_shows_the_command",)),
+    Fault("platform", "Dashboard: a step restarted after an upload that gave up",
+          "Answers: every progress bar of the SDK's widget is closed when its work ends or fails. Before, the "
+          "failed upload's bar was left to the garbage collector, whose close on the server's event loop waits "
+          "for that loop: the app stopped answering (seen in this test)",
+          (DASHBOARD_PLATFORM + "test_custom_weights_from_team_files_bring_their_classes",)),
+    Fault("network", "ImageNet encoder weights asked for with no network (`--encoder-weights imagenet`, empty torch "
+                     "cache, downloads refused)",
+          "Exit code 2 before anything is written: the message names the file to fetch, where to put it, "
+          "`--encoder-weights FILE` and `none`. With `auto`: a warning saying the same, and the run trains from scratch",
+          (BAD_INPUT + "test_cli_reports_bad_input_with_exit_code_2",
+           BAD_INPUT + "test_imagenet_weights_offline_train_from_scratch_with_auto")),
+    Fault("network", "A download of ImageNet weights whose content does not match the hash in its file name",
+          "Refused, naming the file; nothing is left in the torch cache",
+          ("tests/test_models.py::test_a_corrupt_download_is_refused",)),
+    Fault("input", "`--custom-weights` with a classes file that does not describe its head (another class count), or "
+                   "with no class in common with the run",
+          "Error naming the file and both counts; with no common class, a warning and an untrained head",
+          ("tests/test_original_app.py::test_custom_weights_without_a_common_class_start_the_head_untrained",)),
     Fault("serve", "300 generated uploads to `/inference_image`, `/inference_batch` and `/inference_batch_async`: random bytes, truncated or "
                    "corrupted PNGs, PNG headers of any size (0 to 2^32-1), depth and colour type; 0-3 files under "
                    "right or wrong field names and odd file names; settings as random text, any JSON, near-miss "

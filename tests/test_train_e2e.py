@@ -137,8 +137,8 @@ def test_info_files(run_dir, tiny_project):
     assert [c["title"] for c in classes] == CLASSES
     assert all({"title", "shape", "color"} <= c.keys() for c in classes)
     meta = sly.Project(str(tiny_project), sly.OpenMode.READ).meta
-    for c in classes[1:]:
-        assert c["shape"] == meta.get_obj_class(c["title"]).geometry_type.geometry_name()
+    for c in classes[1:]:  # the project's colours; every class a bitmap, whatever it was labelled with
+        assert c["shape"] == "bitmap"
         assert sly.color.hex2rgb(c["color"]) == meta.get_obj_class(c["title"]).color
 
     ui_state = json.loads((info / "ui_state.json").read_text())

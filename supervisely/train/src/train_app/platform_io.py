@@ -113,6 +113,16 @@ def fetch_team_file(env: Environment, remote_path: str) -> Path:
     return local
 
 
+def fetch_checkpoint(env: Environment, remote_path: str) -> Path:
+    """A Team Files checkpoint, and its run's ``info/model_classes.json`` beside it when the run has one: the
+    engine carries the head's channels over to the classes of the same names."""
+    local = fetch_team_file(env, remote_path)
+    classes = PurePosixPath(remote_path).parent.parent / "info" / "model_classes.json"
+    if env.api.file.exists(env.team_id, str(classes)):
+        fetch_team_file(env, str(classes))
+    return local
+
+
 class UploadError(PlatformError):
     """The upload gave up; the run folder is intact and ``command`` uploads it later."""
 

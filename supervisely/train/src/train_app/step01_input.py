@@ -5,6 +5,7 @@ from supervisely.app.widgets import Button, Progress, Text
 
 from custom_net import sly_seg_dataset as data
 from train_app import platform_io
+from train_app.progress import counting
 from train_app.wizard import Step
 
 
@@ -27,16 +28,8 @@ class InputStep(Step):
         env = self.session.env
         note = ""
         if env.platform:
-            bar = [None]
-
-            def progress(done, total):
-                if bar[0] is None:
-                    bar[0] = self.progress(message="Downloading images", total=total)
-                bar[0].update(done - bar[0].n)
-
-            folder, downloaded = platform_io.download_project(env, progress)
-            if bar[0] is not None:
-                bar[0].close()
+            with counting(self.progress, message="Downloading images") as progress:
+                folder, downloaded = platform_io.download_project(env, progress)
             note = "downloaded" if downloaded else "the cached copy is current: download skipped"
         else:
             if env.project_dir is None:

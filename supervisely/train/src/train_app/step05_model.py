@@ -49,7 +49,7 @@ class ModelStep(Step):
             path = self.custom_path.get_value().strip()
             if not path:
                 raise ValueError("enter the path of the custom weights")
-            local = platform_io.fetch_team_file(self.session.env, path) if self.session.env.platform else Path(path)
+            local = platform_io.fetch_checkpoint(self.session.env, path) if self.session.env.platform else Path(path)
             if not local.is_file():
                 raise FileNotFoundError(f"custom weights {path} not found")
             settings["custom_weights"] = str(local)

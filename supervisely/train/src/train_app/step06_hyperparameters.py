@@ -6,7 +6,8 @@ import argparse
 from supervisely.app.widgets import Button, Card, Container, Field, Input, Select, Switch, Text
 
 from custom_net.sly_integration import check_setting, list_devices, plan_launch, settings_to_argv
-from custom_net.train import MODEL_DEFAULTS, ORIGINAL_PRESET, ArgsError, build_parser, parse_args
+from custom_net.original_app import ORIGINAL_PRESET
+from custom_net.train import MODEL_DEFAULTS, ArgsError, build_parser, parse_args
 from train_app.wizard import Step
 
 # The options this card shows, by section. A new engine option goes into one of these lists, or into
@@ -31,14 +32,20 @@ SET_ELSEWHERE = {
     "custom_weights": 5, "output": 7, "cache_dir": 7, "reporter": 7,
     # CLI-only ways to start a run: the dashboard always starts a fresh one from its widgets
     "demo": None, "train_args": None, "resume": None, "train_set": None, "val_set": None,
+    # step 05 fetches a checkpoint with its run's info/model_classes.json beside it, where the engine looks
+    "custom_weights_classes": None,
+    # the original app's forms of the above, for its scripts and train_args.json files
+    "classes_path": None, "checkpoints_dir": None, "train_vis_items_path": None, "val_vis_items_path": None,
+    "sly": None,
 }
 # Where the engine's flag name or help says too little on a page.
 LABELS = {"preset": "Recipe", "gpu_id": "Devices", "eval": "Run evaluation", "speed_test": "Speed test",
           "init": "Initialisation", "amp": "Mixed precision", "compile": "torch.compile",
           "sync_bn": "SyncBatchNorm", "dist_timeout": "Distributed timeout, s"}
 HELP = {
-    "preset": "choosing one fills the fields the recipe decides (optimizer, learning rate and schedule, loss, epochs, "
-              "init, best metric), which stay editable; the augmentations stay as chosen in step 04",
+    "preset": "choosing one fills every field the recipe decides (epochs, batch and input size, optimizer, learning "
+              "rate and schedule, loss, init, checkpoints, previews, best metric), which stay editable; the "
+              "augmentations stay as chosen in step 04 (the original app's: the seg_simple template)",
     "gpu_id": "the CPU, one GPU, or several GPUs: one process per GPU through torchrun, with the batch size per GPU",
     "speed_test": "part of the evaluation: ms per image at batch 1 and at the batch size, with and without the fast path",
     "sync_bn": "several GPUs: BatchNorm statistics over all GPUs (CUDA only)",

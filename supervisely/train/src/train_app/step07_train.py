@@ -19,6 +19,7 @@ from custom_net.distributed import DistributedRunError, torchrun_command
 from custom_net.sly_integration import (DashboardReporter, Launch, describe_evaluation, settings_to_argv,
                                         start_training)
 from train_app import platform_io
+from train_app.progress import counting
 from train_app.images import data_url
 from train_app.wizard import USER_ERRORS, Step
 
@@ -151,7 +152,16 @@ class TrainStep(Step):
             self.phase.set("failed", status="error")
             self.error(f"Unexpected error: {type(e).__name__}: {e}")
         finally:
+            self._close_bars(run)
             self.train.enable()
+
+    @staticmethod
+    def _close_bars(run: Run) -> None:
+        """Closed, never left to the garbage collector (see train_app.progress)."""
+        for bar in (run.iter_bar, run.epoch_bar):
+            if bar is not None:
+                bar.close()
+        run.iter_bar = run.epoch_bar = None
 
     def _on_start(self, run, epochs, start_epoch, iters_per_epoch, **info):
         run.iters_per_epoch = iters_per_epoch
@@ -207,9 +217,7 @@ class TrainStep(Step):
                 self.gallery.append(url, title=f"{split}: {name}", column_index=column)
 
     def _finish(self, run: Run):
-        for bar in (run.iter_bar, run.epoch_bar):
-            if bar is not None:
-                bar.close()
+        self._close_bars(run)
         if run.error or run.summary is None:
             self.phase.set("failed", status="error")
             return self.error(run.error or "Training ended without a summary.")
@@ -254,17 +262,8 @@ class TrainStep(Step):
     def _upload(self, output: Path) -> str:
         env = self.session.env
         (output / "open_app.lnk").write_text(f"{env.api.server_address}/apps/sessions/{env.task_id}\n")
-        bar = [None]
-
-        def progress(done, total):
-            if bar[0] is None:
-                bar[0] = self.upload(message="Uploading artifacts", total=total, unit="B", unit_scale=True)
-            bar[0].update(done - bar[0].n)
-
-        remote = platform_io.upload_artifacts(env, output, f"/unet/{env.task_id}_{self.session.experiment}/", progress)
-        if bar[0] is not None:
-            bar[0].close()
-        return remote
+        with counting(self.upload, message="Uploading artifacts", unit="B", unit_scale=True) as progress:
+            return platform_io.upload_artifacts(env, output, f"/unet/{env.task_id}_{self.session.experiment}/", progress)
 
     # ---- restart
     def on_unlock(self):
