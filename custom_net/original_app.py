@@ -57,23 +57,24 @@ def is_original_train_args(values: dict) -> bool:
     return {"checkpoints_dir", "sly"} <= values.keys() <= ORIGINAL_PARSER_DEFAULTS.keys()
 
 
-def translate_train_args(values: dict, path: Path) -> tuple[dict, list[str]]:
-    """An original train_args.json as this app's argument values (the recipe it ran with included), and
-    notes on what was taken from elsewhere. Recorded paths that no longer exist (the agent's folders) are
-    looked up in the run's ``info/`` beside the file's ``checkpoints/``."""
+def translate_train_args(values: dict, path: Path) -> tuple[dict, str | None]:
+    """An original train_args.json as this app's argument values (the recipe it ran with included), and a
+    note on what was taken from elsewhere: recorded paths that are not on this machine (the platform agent's
+    folders) are looked up in the run's ``info/`` beside the file's ``checkpoints/``."""
     values = {**ORIGINAL_PARSER_DEFAULTS, **values}
-    notes = []
     info = Path(path).resolve().parent.parent / "info"
+    moved = []
     for key in INFO_FILE_KEYS:
         recorded = values[key]
         if isinstance(recorded, str) and recorded and not Path(recorded).exists() and (info / Path(recorded).name).is_file():
             values[key] = str(info / Path(recorded).name)
-            notes.append(f"{key}: {recorded} is not here; using {values[key]}")
+            moved.append(key)
+    note = f"recorded paths not on this machine, taken from {info}: {', '.join(moved)}" if moved else None
     for old, new in RENAMED_KEYS.items():
         values[new] = values.pop(old) or None
     for key in ("classes_path", "checkpoints_dir", "train_vis_items_path", "val_vis_items_path"):
         values[key] = values[key] or None
-    return {**ORIGINAL_RECIPE, "preset": "original", **values}, notes
+    return {**ORIGINAL_RECIPE, "preset": "original", **values}, note
 
 
 def read_class_titles(path: str | Path, flag: str) -> list[str]:

@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-vis-items-path", metavar="JSON", help="validation items to preview")
     g.add_argument("--sly", action="store_true",
                    help="report progress and metrics to the Supervisely task this runs in (TASK_ID, SERVER_ADDRESS, "
-                        "API_TOKEN set), as well as to --reporter")
+                        "API_TOKEN set) as the SDK's log events; they replace the console's progress bars there")
 
     g = p.add_argument_group("distributed (torchrun; see README 'Scaling out')")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
@@ -297,8 +297,8 @@ def _load_json_defaults(parser, path: str) -> dict:
     if not isinstance(values, dict):
         raise ArgsError(f"--train-args: {path} must hold a JSON object of argument values")
     if original_app.is_original_train_args(values):  # replayed as the original app ran it
-        values, notes = original_app.translate_train_args(values, Path(path))
-        for note in notes:
+        values, note = original_app.translate_train_args(values, Path(path))
+        if note:
             warnings.warn(f"--train-args {path}: {note}")
     known = {a.dest for a in parser._actions}
     unknown = sorted(set(values) - known)
@@ -347,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ArgsError("--project-dir is required (or --demo for synthetic data)")
     given = _given_dests(argv)
     _resolve_original_flags(args, given)
-    if args.train_args and "project_dir" not in given and not Path(args.project_dir).is_dir():
+    if args.train_args and args.project_dir and "project_dir" not in given and not Path(args.project_dir).is_dir():
         raise ArgsError(f"--train-args {args.train_args}: its project {args.project_dir} is not here; "
                         "give the project's folder with --project-dir")
     if args.split == "datasets" and not (args.train_datasets and args.val_datasets):

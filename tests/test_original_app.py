@@ -134,7 +134,7 @@ def test_original_train_args_replay_as_the_original_ran(original_run, tiny_proje
                 "train_vis_items_path": f"{agent}/info/train_vis_items.json",
                 "val_vis_items_path": f"{agent}/info/val_vis_items.json", "sly": True}
     (run / "checkpoints" / "train_args.json").write_text(json.dumps(recorded))
-    with pytest.warns(UserWarning, match="is not here; using"):
+    with pytest.warns(UserWarning, match="recorded paths not on this machine, taken from .*: classes_path, train_set"):
         args = parse_args(["--train-args", str(run / "checkpoints" / "train_args.json"),
                            "--project-dir", str(tiny_project)])
     assert args.classes == ["disk", "triangle", "__bg__"] and args.train_set == str(run / "info" / "train_set.json")
