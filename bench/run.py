@@ -17,7 +17,6 @@ import copy
 import datetime
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,11 +50,11 @@ def cuda_peak_mb(device) -> float | None:
 def timed(fn, repeats: int, device=None) -> float:
     """Median seconds per call after one warm-up call: a hiccup of the machine (another process, the
     allocator returning memory) moves a mean of a few calls by tens of percent, a median hardly."""
-    import torch
+    from custom_net.hardware import synchronize
 
     def sync():
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if device is not None:
+            synchronize(device)
 
     fn()
     sync()
@@ -118,7 +117,6 @@ class NaiveDataset:
 
 def bench_data(args) -> dict:
     import cv2
-    import torch
     from torch.utils.data import DataLoader
     from custom_net import augs, sly_seg_dataset as data
     from custom_net.preprocessing import normalize_batch
@@ -183,7 +181,8 @@ def train_setup(name: str, device, fast: bool, compile_model: bool, num_classes:
     from custom_net.loss import build_loss
     from custom_net.model import build_model
     from custom_net.train import parse_args
-    from custom_net.utils import build_optimizer, parameter_groups, resolve_amp
+    from custom_net.hardware import resolve_amp
+    from custom_net.optim import build_optimizer, parameter_groups
 
     recipe = parse_args(["--project-dir", ".", "--model", name])  # the engine's default recipe, on both sides
     torch.manual_seed(0)
@@ -203,7 +202,8 @@ def bench_train(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from custom_net.model import model_list
-    from custom_net.utils import select_device, train_one_epoch
+    from custom_net.epoch import train_one_epoch
+    from custom_net.hardware import select_device
 
     device = select_device(args.device)
     repeats = 1 if args.quick else (3 if device.type == "cpu" else 20)
@@ -248,7 +248,8 @@ def bench_feed(args) -> dict:
     batch already on the device: how much of the device's training speed the loader keeps."""
     import torch
     from custom_net import augs, sly_seg_dataset as data
-    from custom_net.utils import resolve_num_workers, select_device, train_one_epoch
+    from custom_net.epoch import train_one_epoch
+    from custom_net.hardware import resolve_num_workers, select_device
 
     device = select_device(args.device)
     workers = args.workers
@@ -292,7 +293,7 @@ def bench_infer(args) -> dict:
     from custom_net.model import build_model, fold_batchnorm, model_list
     from custom_net.preprocessing import decode_image_rgb
     from custom_net.quantize import quantize_int8
-    from custom_net.utils import resolve_amp, select_device
+    from custom_net.hardware import resolve_amp, select_device
 
     device = select_device(args.device)
     repeats = 2 if args.quick else (5 if device.type == "cpu" else 30)
@@ -377,7 +378,7 @@ def bench_quality(args) -> dict:
     few seeds: runs whose arithmetic differs in the last bits follow different trajectories, so one
     seed measures that noise as much as the precision. The spread between seeds is reported too."""
     from custom_net.train import main
-    from custom_net.utils import select_device
+    from custom_net.hardware import select_device
 
     on_cpu = select_device(args.device).type == "cpu"  # the int8 runtime is for CPUs: no int8 rows from a GPU run
     epochs, seeds = ("2", [0]) if args.quick else (str(args.guard_epochs),
@@ -513,8 +514,8 @@ def guard_verdict(quality: dict) -> str:
 
 def machine() -> str:
     import torch
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from custom_net.hardware import cpu_model
+    cpu = cpu_model()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}{gpu}")

@@ -32,7 +32,8 @@ from torch.utils.data import Sampler
 
 from custom_net.reporting import Reporter
 from custom_net.sly_seg_dataset import EpochSampler
-from custom_net.utils import atomic_write_json, select_device
+from custom_net.hardware import select_device
+from custom_net.storage import atomic_write_json
 
 
 class DistributedRunError(RuntimeError):

@@ -15,7 +15,6 @@ import heapq
 import html
 import logging
 import math
-import platform
 import sys
 import time
 import warnings
@@ -30,8 +29,9 @@ from custom_net import sly_seg_dataset as data
 from custom_net.inference import INFERENCE_MODES, load_trained_model, predict_image, resolve_checkpoint
 from custom_net.preprocessing import resize_image, resize_mask
 from custom_net.quantize import QuantizationError, quantize_trained
-from custom_net.utils import (AMP_MODES, atomic_write, atomic_write_json, atomic_write_text, forward_batch,
-                              resolve_amp, select_device)
+from custom_net.epoch import forward_batch
+from custom_net.hardware import AMP_MODES, device_name, dtype_name, resolve_amp, select_device, synchronize
+from custom_net.storage import atomic_write, atomic_write_json, atomic_write_text
 from custom_net.validation import BoundaryIoU, ConfusionMatrix
 from custom_net.visualize import preview_panel, save_png
 
@@ -144,25 +144,6 @@ def evaluate_items(trained, meta, items: list[data.Item], device: torch.device, 
 
 # ---- speed test --------------------------------------------------------------------------------
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({device})"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {name}, {torch.get_num_threads()} thread(s)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def speed_test(model, height: int, width: int, device: torch.device, batch_sizes=(1, 8), amp: str = "auto",
                min_seconds: float = 0.3, max_iterations: int = 20) -> dict:
@@ -184,15 +165,15 @@ def speed_test(model, height: int, width: int, device: torch.device, batch_sizes
             images = torch.randint(0, 256, (batch_size, height, width, 3), dtype=torch.uint8, generator=generator)
             no_masks = torch.empty(0)
             forward_batch(model, images, no_masks, device, dtype, memory_format)  # warm-up: kernel choice, caches
-            _sync(device)
+            synchronize(device)
             count, start = 0, time.perf_counter()
             while count < 1 or (count < max_iterations and time.perf_counter() - start < min_seconds):
                 forward_batch(model, images, no_masks, device, dtype, memory_format)
-                _sync(device)
+                synchronize(device)
                 count += 1
             ms = (time.perf_counter() - start) * 1000 / (count * batch_size)
             cases.append({"batch_size": batch_size, "fast_path": fast,
-                          "dtype": str(dtype or torch.float32).replace("torch.", ""),
+                          "dtype": dtype_name(dtype),
                           "memory_format": "channels_last" if fast else "contiguous",
                           "ms_per_image": ms, "images_per_second": 1000 / ms, "batches_timed": count})
     model.to(memory_format=torch.contiguous_format)
@@ -426,7 +407,7 @@ def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str 
                         f"({', '.join(objects)}); it has: {known}")
     notes = [f"the project has no class {n!r}: its ground truth is empty" for n in missing]
     amp_dtype = resolve_amp(amp, device)
-    predicting, precision = trained, str(amp_dtype or torch.float32).replace("torch.", "")
+    predicting, precision = trained, dtype_name(amp_dtype)
     if runtime == "int8":
         try:
             predicting, amp_dtype, precision = replace(trained, model=quantize_trained(trained)), None, "int8"

@@ -13,6 +13,7 @@ import supervisely as sly
 import torch
 import torch.nn.functional as F
 
+from custom_net.hardware import synchronize
 from custom_net.model import build_model, fold_batchnorm
 from custom_net.preprocessing import normalize_batch, resize_image
 
@@ -140,8 +141,7 @@ class StageTimes(dict):
     def stage(self, name: str, device: torch.device):
         start = time.perf_counter()
         yield
-        if device.type == "cuda":  # the GPU's work is queued: wait for it, or it counts in a later stage
-            torch.cuda.synchronize(device)
+        synchronize(device)  # the GPU's work is queued: wait for it, or it counts in a later stage
         self[name] = self.get(name, 0.0) + (time.perf_counter() - start) * 1000
 
 

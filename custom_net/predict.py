@@ -28,7 +28,7 @@ from custom_net.inference import (INFERENCE_MODES, StageTimes, TrainedModel, con
 from custom_net.quantize import CALIBRATION_FILE, quantize_trained
 from custom_net.preprocessing import ImageReadError, read_image_rgb
 from custom_net.sly_seg_dataset import background_index
-from custom_net.utils import AMP_MODES, resolve_amp, select_device
+from custom_net.hardware import AMP_MODES, dtype_name, resolve_amp, select_device
 from custom_net.visualize import overlay, save_png
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -51,7 +51,7 @@ class Predictor:
     def precision(self) -> str:
         if self.runtime == "int8":
             return "int8"
-        return str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32"
+        return dtype_name(self.amp_dtype)
 
     def masks(self, images: list[np.ndarray], mode: str = "whole", overlap: float = 0.25,
               batch_size: int = 4, times: StageTimes | None = None) -> list[np.ndarray]:

@@ -22,7 +22,8 @@ from torch import nn
 
 from custom_net.inference import run_info_dir
 from custom_net.preprocessing import normalize_batch
-from custom_net.utils import atomic_write, cpu_has_fast_bf16, cpu_has_vnni
+from custom_net.hardware import cpu_has_fast_bf16, cpu_has_vnni
+from custom_net.storage import atomic_write
 
 CALIBRATION_FILE = "calibration_images.npz"  # in the run's info/
 MAX_CALIBRATION_IMAGES = 16

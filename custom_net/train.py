@@ -34,10 +34,12 @@ from custom_net.loss import LOSSES, build_loss
 from custom_net.model import INIT_SCHEMES, UnknownModelError, build_model, model_list
 from custom_net.quantize import CALIBRATION_FILE, save_calibration_images
 from custom_net.reporting import Broadcast, ConsoleReporter, JsonLinesReporter, Reporter
-from custom_net.utils import (AMP_MODES, LR_SCHEDULES, OPTIMIZERS, CheckpointSaver, NonFiniteLoss, StopRequested,
-                              StorageError, atomic_torch_save, atomic_write_json, atomic_write_text, build_optimizer,
-                              build_scheduler, current_lr, parameter_groups, resolve_amp, resolve_num_workers,
-                              seed_everything, set_bn_momentum, train_one_epoch)
+from custom_net.checkpoints import CheckpointSaver
+from custom_net.epoch import NonFiniteLoss, seed_everything, StopRequested, train_one_epoch
+from custom_net.hardware import AMP_MODES, dtype_name, resolve_amp, resolve_num_workers
+from custom_net.optim import (LR_SCHEDULES, OPTIMIZERS, SCHEDULE_OPTIONS, build_optimizer, build_scheduler, current_lr,
+                              parameter_groups, set_bn_momentum)
+from custom_net.storage import atomic_torch_save, atomic_write_json, atomic_write_text, StorageError
 from custom_net.validation import evaluate
 from custom_net.visualize import preview_panel, save_charts, save_png
 
@@ -640,7 +642,8 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
     workers = resolve_num_workers(args.num_workers, device)
     train_loader = data.make_loader(train_set, args.batch_size, sampler, workers, device)
     val_loader = data.make_loader(val_set, args.batch_size, dist_ctx.shard_sampler(len(val_set)), workers, device)
-    scheduler, per_iteration = build_scheduler(args, optimizer, len(train_loader))
+    scheduler, per_iteration = build_scheduler(args.lr_schedule, optimizer, len(train_loader),
+                                               **{k: getattr(args, k) for k in SCHEDULE_OPTIONS})
     set_bn_momentum(model, args.bn_momentum, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
@@ -698,7 +701,7 @@ def _run(args, reporter, ui_state, project, model_classes, train_data, val_data,
 
     reporter.start({"epochs": args.epochs, "start_epoch": start_epoch, "iters_per_epoch": len(train_loader),
                     "val_iters": len(val_loader), "train_size": len(train_data), "val_size": len(val_data),
-                    "classes": class_names, "device": str(device), "amp": str(amp_dtype).replace("torch.", ""),
+                    "classes": class_names, "device": str(device), "amp": dtype_name(amp_dtype),
                     "model": args.model, "output_dir": str(output), "world_size": dist_ctx.world_size,
                     "pid": os.getpid()})
 

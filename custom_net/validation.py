@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from custom_net.sly_seg_dataset import BG_CLASS
-from custom_net.utils import forward_batch
+from custom_net.epoch import forward_batch
 
 
 def foreground(class_names: list[str]) -> list[int]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from custom_net.utils import atomic_write
+from custom_net.storage import atomic_write
 
 
 def colorize(mask: np.ndarray, colors: list[list[int]]) -> np.ndarray:

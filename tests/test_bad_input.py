@@ -17,7 +17,7 @@ from custom_net.augs import AugsConfigError
 from custom_net.reporting import Reporter
 from custom_net.sly_seg_dataset import DataError
 from custom_net.train import ArgsError, main, model_list
-from custom_net.utils import LR_SCHEDULES, OPTIMIZERS
+from custom_net.optim import LR_SCHEDULES, OPTIMIZERS
 from tests.conftest import TINY_TRAIN_ARGS, run_cli
 
 ARGS = [*TINY_TRAIN_ARGS, "--epochs", "1"]

@@ -19,11 +19,11 @@ from custom_net import sly_seg_dataset as data
 from custom_net.inference import predict_probabilities, prepare_fast_model
 from custom_net.model import build_model, fold_batchnorm, model_list
 from custom_net.preprocessing import resize_image, resize_mask
-from custom_net.reporting import Reporter
 from custom_net.train import (COLLAPSE_ROUNDS, FEW_STEPS, ArgsError, _collapse_warning, build_parser,
                               main, parse_args)
-from custom_net.utils import (NonFiniteLoss, build_optimizer, build_scheduler, forward_batch, parameter_groups,
-                              resolve_num_workers, set_bn_momentum, train_one_epoch)
+from custom_net.epoch import forward_batch, NonFiniteLoss, train_one_epoch
+from custom_net.hardware import resolve_num_workers
+from custom_net.optim import SCHEDULE_OPTIONS, build_optimizer, build_scheduler, parameter_groups, set_bn_momentum
 from custom_net.validation import ConfusionMatrix, collapsed_class
 
 REPO = Path(__file__).resolve().parent.parent
@@ -166,7 +166,7 @@ def test_decoder_parameter_groups_scale_through_the_schedule():
     assert all(id(p) in encoder for p in groups[0]["params"]) and not any(id(p) in encoder for p in groups[1]["params"])
     args = parse_args(["--demo", "--model", "AlbuNet", "--epochs", "2"])
     optimizer = build_optimizer("Adam", groups, 3e-3, 0.9, 0.0, False)
-    scheduler, _ = build_scheduler(args, optimizer, iters_per_epoch=5)
+    scheduler, _ = build_scheduler(args.lr_schedule, optimizer, 5, **{k: getattr(args, k) for k in SCHEDULE_OPTIONS})
     for _ in range(7):  # through warmup into the decay: the decoder stays at 0.33x the encoder
         optimizer.step()
         scheduler.step()

@@ -105,7 +105,7 @@ def test_calibration_file_must_match_the_model(tmp_path):
 
 def test_transposed_convolutions_left_in_floating_point_run_in_bf16_where_fast(tmp_path):
     from custom_net.model import EvenOutputConvTranspose2d
-    from custom_net.utils import cpu_has_fast_bf16
+    from custom_net.hardware import cpu_has_fast_bf16
     trained = load_trained_model(make_run(tmp_path / "run", "LinkNet34"))
     quantized = quantize_int8(trained.model, _images(8, 64, 64), min_class_iou=0)
     layer = quantized.get_submodule("finaldeconv1")

@@ -16,7 +16,7 @@ import torch
 from custom_net import sly_seg_dataset as data
 from custom_net.reporting import Reporter
 from custom_net.train import cli, main
-from custom_net.utils import StorageError
+from custom_net.storage import StorageError
 from tests.conftest import TINY_TRAIN_ARGS
 from tests.test_reliability_kill import assert_every_file_loads
 

@@ -22,7 +22,7 @@ from custom_net.inference import convert_prediction_to_sly_format, inference, lo
 from custom_net.loss import build_loss
 from custom_net.reporting import Reporter
 from custom_net.train import DEMO_DEFAULTS, ArgsError, build_model, main, parse_args
-from custom_net.utils import NonFiniteLoss
+from custom_net.epoch import NonFiniteLoss
 from custom_net.validation import evaluate
 
 EPOCHS = 4

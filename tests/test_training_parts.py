@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from custom_net.loss import CEDiceLoss, JaccardNLLLoss, build_loss
 from custom_net.train import build_parser
-from custom_net.utils import CheckpointSaver, build_scheduler, resolve_amp, select_device
+from custom_net.checkpoints import CheckpointSaver
+from custom_net.hardware import resolve_amp, select_device
+from custom_net.optim import SCHEDULE_OPTIONS, build_scheduler
 from custom_net.validation import ConfusionMatrix
 
 
@@ -72,7 +74,7 @@ def _schedule_args(**overrides):
 def _lrs(args, iters=4):
     model = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
-    sched, per_iter = build_scheduler(args, opt, iters)
+    sched, per_iter = build_scheduler(args.lr_schedule, opt, iters, **{k: getattr(args, k) for k in SCHEDULE_OPTIONS})
     lrs = []
     for _ in range(args.epochs):
         for _ in range(iters):

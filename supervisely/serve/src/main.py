@@ -7,7 +7,7 @@ modal's choices as ``modal.state.slyFile`` / ``modal.state.device``; local use s
 (a run folder or a .pth) and optionally ``UNET_DEVICE``, ``UNET_RUNTIME`` (pytorch | int8 | onnx),
 ``UNET_AMP``, ``UNET_MAX_PIXELS``, ``UNET_MODEL_DIR``.
 """
-from custom_net.utils import select_device
+from custom_net.hardware import select_device
 from unet_model import DeployConfig, UNetModel
 
 config = DeployConfig.from_env()
