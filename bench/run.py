@@ -180,11 +180,11 @@ def train_setup(name: str, device, fast: bool, compile_model: bool, num_classes:
     import torch
     from custom_net.loss import build_loss
     from custom_net.model import build_model
-    from custom_net.train import parse_args
+    from custom_net.config import parse_config
     from custom_net.hardware import resolve_amp
     from custom_net.optim import build_optimizer, parameter_groups
 
-    recipe = parse_args(["--project-dir", ".", "--model", name])  # the engine's default recipe, on both sides
+    recipe = parse_config(["--project-dir", ".", "--model", name])  # the engine's default recipe, on both sides
     torch.manual_seed(0)
     model = build_model(name, num_classes, "none")
     memory_format = torch.channels_last if fast else torch.contiguous_format

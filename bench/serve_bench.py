@@ -118,12 +118,13 @@ def images() -> dict[str, bytes]:
 
 def int8_if_calibrated(run: Path) -> list[str]:
     """All runtimes, less int8 for a run without calibration images (an untrained or older run)."""
-    from custom_net.inference import resolve_checkpoint, run_info_dir
-    from custom_net.quantize import CALIBRATION_FILE
+    from custom_net.run_folder import RunFolder, resolve_checkpoint
 
-    if (run_info_dir(resolve_checkpoint(run)) / CALIBRATION_FILE).is_file():
+    calibration = RunFolder.of_checkpoint(resolve_checkpoint(run)).calibration
+    if calibration.is_file():
         return list(VARIANTS)
-    print(f"{run}: no info/{CALIBRATION_FILE}, so no pytorch-int8 rows (pass --run with a trained run)", flush=True)
+    print(f"{run}: no calibration images ({calibration}), so no pytorch-int8 rows (pass --run with a trained run)",
+          flush=True)
     return [runtime for runtime in VARIANTS if runtime != "pytorch-int8"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from custom_net.run_folder import RunFolder, checkpoints_in
 from custom_net.storage import atomic_torch_save
 
 
@@ -27,7 +28,7 @@ class CheckpointSaver:
 
     def on_epoch_end(self, model, epoch: int, metrics: dict | None) -> None:
         if self.interval > 0 and epoch % self.interval == 0:
-            self.kept.append(self._save(model, f"model_{epoch:03d}.pth").name)
+            self.kept.append(self._save(model, RunFolder.checkpoint_name(epoch)).name)
             while self.max_keep >= 0 and len(self.kept) > self.max_keep:
                 (self.directory / self.kept.pop(0)).unlink(missing_ok=True)
         if self.save_best and metrics is not None and self.metric in metrics:
@@ -36,7 +37,7 @@ class CheckpointSaver:
                       (value > self.best_value if self.higher_is_better else value < self.best_value))
             if not math.isnan(value) and better:
                 previous = self.best_path
-                self.best_path = self._save(model, f"model_{epoch:03d}_best.pth").name
+                self.best_path = self._save(model, RunFolder.checkpoint_name(epoch, "best")).name
                 self.best_value = value
                 if previous and previous != self.best_path:
                     (self.directory / previous).unlink(missing_ok=True)
@@ -44,8 +45,8 @@ class CheckpointSaver:
     def on_train_end(self, model, epoch: int) -> Path | None:
         if not self.save_last:
             return None
-        last = self._save(model, f"model_{epoch:03d}_last.pth")
-        for old in self.directory.glob("model_*_last.pth"):  # after the save: a crash never leaves none
+        last = self._save(model, RunFolder.checkpoint_name(epoch, "last"))
+        for old in checkpoints_in(self.directory, "last"):  # after the save: a crash never leaves none
             if old != last:
                 old.unlink()
         return last

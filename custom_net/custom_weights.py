@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from custom_net.inference import run_info_dir
 from custom_net.original_app import read_class_titles
+from custom_net.run_folder import RunFolder
 
 
 class CustomWeightsError(ValueError):
@@ -43,7 +43,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def checkpoint_classes(path: str, classes_file: str | None) -> tuple[list[str] | None, str | None]:
     """(class names in the checkpoint's head order, the file they came from); (None, None) when unknown."""
-    source = Path(classes_file) if classes_file else run_info_dir(path) / "model_classes.json"
+    source = Path(classes_file) if classes_file else RunFolder.of_checkpoint(path).model_classes
     if not classes_file and not source.is_file():
         return None, None
     try:

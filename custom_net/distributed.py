@@ -30,7 +30,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
+from custom_net.config import parse_config
 from custom_net.reporting import Reporter
+from custom_net.run_folder import RunFolder
 from custom_net.sly_seg_dataset import EpochSampler
 from custom_net.hardware import select_device
 from custom_net.storage import atomic_write_json
@@ -223,9 +225,7 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
     the run cleanly, ``ui_state`` becomes info/ui_state.json of a new run, and the summary is returned.
     Raises ArgsError for bad flags before anything starts and DistributedRunError (with the ranks' error
     lines) when the run fails. Blocks: call it from the thread that would have called ``main``."""
-    from custom_net.train import parse_args  # here: train imports this module
-
-    parse_args(argv)
+    parse_config(argv)
     command, run_env = torchrun_command(argv, gpu_ids)
     run_env.update(env or {})
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
@@ -246,7 +246,7 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
             if name == "start":
                 output_dir, pid = Path(event["output_dir"]), event["pid"]
                 if ui_state is not None and event["start_epoch"] == 1:  # rank 0 wrote its own before "start"
-                    atomic_write_json(output_dir / "info" / "ui_state.json", ui_state)
+                    atomic_write_json(RunFolder(output_dir).ui_state, ui_state)
             elif name == "epoch_start" and not rank0_pid:
                 rank0_pid.append(pid)
             elif name == "finish":
@@ -309,8 +309,8 @@ def _preview_panels(output_dir: Path | None, data: dict) -> list[tuple[str, np.n
     import cv2
 
     names = data["items"]
-    path = (output_dir or Path()) / "info" / "previews" / f"{data['split']}_epoch_{data['epoch']:03d}.png"
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR) if names and output_dir else None
+    path = RunFolder(output_dir).preview(data["split"], data["epoch"]) if output_dir else None
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR) if names and path else None
     if image is None:
         return []
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from custom_net import sly_seg_dataset as data
-from custom_net.inference import INFERENCE_MODES, load_trained_model, predict_image, resolve_checkpoint
+from custom_net.run_folder import RunFolder, resolve_checkpoint
+from custom_net.inference import INFERENCE_MODES, load_trained_model, predict_image
 from custom_net.preprocessing import resize_image, resize_mask
 from custom_net.quantize import QuantizationError, quantize_trained
 from custom_net.epoch import forward_batch
@@ -37,7 +38,6 @@ from custom_net.visualize import preview_panel, save_png
 
 logger = logging.getLogger("custom_net")
 
-EVAL_DIR = "eval"
 EVAL_RUNTIMES = ("pytorch", "int8")
 HEADLINE_METRICS = ("mean_fg_iou", "mean_iou", "mean_fg_dice", "pixel_accuracy", "frequency_weighted_iou",
                     "mean_fg_boundary_iou", "mean_fg_precision", "mean_fg_recall")
@@ -414,7 +414,7 @@ def run_evaluation(checkpoint: str | Path, project_dir: str | Path, output: str 
         except QuantizationError as e:
             raise EvalError(f"--runtime int8: {e}") from None
 
-    output = Path(output) if output is not None else checkpoint.resolve().parent.parent / EVAL_DIR
+    output = Path(output) if output is not None else RunFolder.of_checkpoint(checkpoint).eval
     (output / "worst").mkdir(parents=True, exist_ok=True)
     for old in (output / "worst").glob("*.png"):  # a re-run replaces the previous report's panels
         old.unlink()
@@ -466,7 +466,7 @@ def evaluate_training_run(summary: dict, project_dir: str, items: list[data.Item
         return None
     report("info", f"evaluating {Path(checkpoint).name} on {len(items)} validation item(s)")
     try:
-        result = run_evaluation(checkpoint, project_dir, Path(summary["output_dir"]) / EVAL_DIR, items=items,
+        result = run_evaluation(checkpoint, project_dir, RunFolder(summary["output_dir"]).eval, items=items,
                                 device=device, amp=amp, speed=speed, speed_batch=batch_size)
     except Exception as e:  # noqa: BLE001 - the run's checkpoints matter more than its report
         logger.exception("evaluation failed")

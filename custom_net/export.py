@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from custom_net.inference import load_trained_model, resolve_checkpoint
+from custom_net.inference import load_trained_model
+from custom_net.run_folder import RunFolder, resolve_checkpoint
 
 RUNTIMES = ("pytorch", "int8", "onnx")  # int8: custom_net.quantize, on the CPU
 OPSET = 17
@@ -32,7 +33,7 @@ TRACE_HEIGHT, TRACE_WIDTH = 96, 160
 def export_onnx(checkpoint: str | Path, output: str | Path | None = None, opset: int = OPSET) -> Path:
     """Write the checkpoint as ONNX (default: beside it, ``.onnx``); returns the path written."""
     checkpoint = resolve_checkpoint(checkpoint)
-    output = Path(output) if output else checkpoint.with_suffix(".onnx")
+    output = Path(output) if output else RunFolder.onnx_for(checkpoint)
     trained = load_trained_model(checkpoint, torch.device("cpu"))
     dummy = torch.zeros(1, 3, TRACE_HEIGHT, TRACE_WIDTH)
     dynamic = {0: "batch", 2: "height", 3: "width"}

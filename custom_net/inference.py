@@ -1,7 +1,6 @@
 """Loading a trained run, prediction (whole image or sliding window) and conversion to Supervisely annotations."""
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from custom_net.hardware import synchronize
 from custom_net.model import build_model, fold_batchnorm
 from custom_net.preprocessing import normalize_batch, resize_image
+from custom_net.run_folder import RunFolder
 
 INFERENCE_MODES = ("whole", "sliding")
 
@@ -31,49 +31,6 @@ class TrainedModel:
     checkpoint: Path
 
 
-def run_info_dir(checkpoint: str | Path) -> Path:
-    """``<run>/info`` of the run folder holding ``<run>/checkpoints/<ckpt>``."""
-    return Path(checkpoint).resolve().parent.parent / "info"
-
-
-def read_run_info(checkpoint: str | Path) -> tuple[dict, list[sly.ObjClass]]:
-    """``info/ui_state.json`` and ``info/model_classes.json`` of the run folder holding ``checkpoints/<ckpt>``."""
-    checkpoint = Path(checkpoint)
-    info = run_info_dir(checkpoint)
-    try:
-        ui_state = json.loads((info / "ui_state.json").read_text())
-        classes = json.loads((info / "model_classes.json").read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{checkpoint}: the run folder has no {e.filename}; a checkpoint must sit in "
-                                "<run>/checkpoints/ beside <run>/info/ as training writes it") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{info}: broken JSON ({e})") from None
-    for key in ("selectedModel", "imgSize"):
-        if key not in ui_state:
-            raise ValueError(f"{info / 'ui_state.json'}: missing {key!r}")
-    # Bitmaps, whatever shape a class had in the project (runs written before this rule kept it): the model
-    # predicts masks.
-    return ui_state, [c if c.geometry_type is sly.Bitmap else c.clone(geometry_type=sly.Bitmap)
-                      for c in map(sly.ObjClass.from_json, classes)]
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A ``.pth`` as given, or for a run folder (or its ``checkpoints/``) the newest best checkpoint,
-    else the last, else the newest."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} not found (no such checkpoint or run folder)")
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path  # a run or its checkpoints/
-    candidates = sorted(folder.glob("model_*.pth"))
-    for suffix in ("_best.pth", "_last.pth", ".pth"):
-        chosen = [c for c in candidates if c.name.endswith(suffix)]
-        if chosen:
-            return chosen[-1]  # model_NNN: zero-padded epoch numbers sort by name
-    raise FileNotFoundError(f"{path}: no checkpoints/model_*.pth in this run folder")
-
-
 def load_trained_model(checkpoint: str | Path, device=torch.device("cpu"), fold_bn: bool = True) -> TrainedModel:
     """Build the architecture named in the run folder and load the plain state dict strictly.
 
@@ -81,7 +38,11 @@ def load_trained_model(checkpoint: str | Path, device=torch.device("cpu"), fold_
     The model is for inference: in eval mode and, with ``fold_bn``, with its BatchNorm layers merged
     into the convolutions before them (``fold_batchnorm``).
     """
-    ui_state, model_classes = read_run_info(checkpoint)
+    folder = RunFolder.of_checkpoint(checkpoint)
+    try:
+        ui_state, model_classes = folder.read_ui_state(), folder.read_model_classes()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{checkpoint}: {e}") from None
     model = build_model(ui_state["selectedModel"], len(model_classes), "none")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)

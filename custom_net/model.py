@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from custom_net.pretrained import EncoderWeightsMissing, load_imagenet_weights  # noqa: F401  (part of this API)
+from custom_net.pretrained import load_imagenet_weights
 
 
 def _match(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

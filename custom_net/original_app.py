@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from custom_net.run_folder import RunFolder
+
 # What the original always did, where this app has a flag for it.
 ORIGINAL_RECIPE = dict(
     loss="jaccard_nll", jaccard_weight=0.5, class_weights=None,
@@ -62,7 +64,7 @@ def translate_train_args(values: dict, path: Path) -> tuple[dict, str | None]:
     note on what was taken from elsewhere: recorded paths that are not on this machine (the platform agent's
     folders) are looked up in the run's ``info/`` beside the file's ``checkpoints/``."""
     values = {**ORIGINAL_PARSER_DEFAULTS, **values}
-    info = Path(path).resolve().parent.parent / "info"
+    info = RunFolder.of_checkpoint(path).info  # the file sits in checkpoints/ as a checkpoint does
     moved = []
     for key in INFO_FILE_KEYS:
         recorded = values[key]

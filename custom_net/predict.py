@@ -24,8 +24,9 @@ import torch
 
 from custom_net.export import RUNTIMES, OnnxRuntimeModel, export_onnx
 from custom_net.inference import (INFERENCE_MODES, StageTimes, TrainedModel, convert_prediction_to_sly_format,
-                                  load_trained_model, predict_masks, prepare_fast_model, resolve_checkpoint)
-from custom_net.quantize import CALIBRATION_FILE, quantize_trained
+                                  load_trained_model, predict_masks, prepare_fast_model)
+from custom_net.quantize import quantize_trained
+from custom_net.run_folder import resolve_checkpoint
 from custom_net.preprocessing import ImageReadError, read_image_rgb
 from custom_net.sly_seg_dataset import background_index
 from custom_net.hardware import AMP_MODES, dtype_name, resolve_amp, select_device
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="images (whole) or tiles (sliding) per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--runtime", choices=RUNTIMES, default="pytorch",
-                        help="pytorch (float, --amp); int8 (CPU, 1.2-1.8x the speed of bf16 there; needs the run's "
-                             f"info/{CALIBRATION_FILE}); onnx (ONNX Runtime, float32)")
+                        help="pytorch (float, --amp); int8 (CPU, 1.2-1.8x the speed of bf16 there; needs the "
+                             "calibration images training saves in the run); onnx (ONNX Runtime, float32)")
     parser.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast dtype for the pytorch runtime")
     args = parser.parse_args(argv)
     try:

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from custom_net.inference import run_info_dir
 from custom_net.preprocessing import normalize_batch
 from custom_net.hardware import cpu_has_fast_bf16, cpu_has_vnni
+from custom_net.run_folder import RunFolder
 from custom_net.storage import atomic_write
 
-CALIBRATION_FILE = "calibration_images.npz"  # in the run's info/
 MAX_CALIBRATION_IMAGES = 16
 CALIBRATION_PIXELS = 16 * 256 * 256  # about 3 MB in the run folder
 # The load-time check: int8 vs float32 argmax on the calibration images, per class that covers at least
@@ -228,6 +227,6 @@ def quantize_trained(trained) -> nn.Module:
     device = next(trained.model.parameters()).device
     if device.type != "cpu":
         raise QuantizationError(f"the int8 runtime runs on the CPU, not {device}: use --device cpu")
-    calibration = load_calibration_images(run_info_dir(trained.checkpoint) / CALIBRATION_FILE,
+    calibration = load_calibration_images(RunFolder.of_checkpoint(trained.checkpoint).calibration,
                                           trained.input_height, trained.input_width)
     return quantize_int8(trained.model, calibration)

@@ -121,7 +121,7 @@ def in_platform_task() -> bool:
 # checked the way train.py checks it.
 
 def _options() -> dict:
-    from custom_net.train import build_parser  # late: train imports torch; the dashboard may not need it yet
+    from custom_net.config import build_parser  # late: it imports torch; the dashboard may not need it yet
 
     options = {}
     for action in build_parser()._actions:  # the first flag of a dest; aliases (--train-set-path) come later

@@ -127,7 +127,7 @@ class BoundaryIoU:
 
 
 @torch.inference_mode()
-def evaluate(model, criterion, loader, device, class_names, amp_dtype=None, memory_format=torch.contiguous_format,
+def validate(model, criterion, loader, device, class_names, amp_dtype=None, memory_format=torch.contiguous_format,
              progress=None, reduce=None) -> dict:
     """Validation loss and metrics of ``model`` over ``loader`` (batches of uint8 images, index masks).
     ``reduce(tensor)`` sums a tensor in place over the ranks of a distributed run that each evaluated

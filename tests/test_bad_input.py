@@ -16,7 +16,9 @@ import torch
 from custom_net.augs import AugsConfigError
 from custom_net.reporting import Reporter
 from custom_net.sly_seg_dataset import DataError
-from custom_net.train import ArgsError, main, model_list
+from custom_net.config import ArgsError
+from custom_net.model import model_list
+from custom_net.train import main
 from custom_net.optim import LR_SCHEDULES, OPTIMIZERS
 from tests.conftest import TINY_TRAIN_ARGS, run_cli
 

@@ -12,7 +12,7 @@ from custom_net.evaluate import HEADLINE_METRICS, METRIC_LABELS
 from custom_net.reporting import Reporter
 from custom_net.sly_integration import (Launch, check_setting, describe_evaluation, list_devices, plan_launch,
                                         settings_to_argv, start_training)
-from custom_net.train import build_parser, parse_args
+from custom_net.config import build_parser, parse_config
 
 ACTIONS = {a.dest: a for a in build_parser()._actions if a.option_strings and a.dest != "help"}
 # Options that only make sense on their own or need files, and the original app's forms of --classes and
@@ -42,7 +42,7 @@ def _other_value(action):
 def test_every_option_round_trips_through_the_engine_parser():
     settings = {dest: _other_value(action) for dest, action in ACTIONS.items() if dest not in SKIP}
     settings["split"] = "datasets"
-    args = vars(parse_args(settings_to_argv(settings)))
+    args = parse_config(settings_to_argv(settings)).as_dict()
     for dest, value in settings.items():
         assert args[dest] == value, dest
 
@@ -51,7 +51,7 @@ def test_empty_values_fall_back_to_the_engine_defaults():
     argv = settings_to_argv({"project_dir": "p", "custom_weights": "", "class_weights": None, "train_datasets": [],
                              "channels_last": False, "demo": False})
     assert argv == ["--project-dir", "p", "--no-channels-last"]
-    assert parse_args(argv).custom_weights == ""
+    assert parse_config(argv).custom_weights == ""
 
 
 def test_unknown_setting_is_an_error():

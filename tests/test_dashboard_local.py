@@ -11,7 +11,7 @@ import torch
 
 from custom_net.evaluate import METRIC_LABELS
 from custom_net.model import model_list
-from custom_net.train import build_parser, parse_args
+from custom_net.config import build_parser, parse_config
 from tests.dashboard_harness import DashboardServer, PushListener
 
 TINY = {"s06_input_height": {"value": "64"}, "s06_input_width": {"value": "64"}, "s06_epochs": {"value": "2"},
@@ -322,7 +322,7 @@ def test_every_widget_value_lands_in_the_argv(app):
     assert app.status(6)[0] == "success", (app.status(6), {k: v for k, v in app.data().items() if "err" in k and not v["hide"]})
     command = shlex.split(app.text("s07_command"))
     assert command[:2] == ["python", "custom_net/train.py"]
-    args = vars(parse_args(command[2:]))
+    args = parse_config(command[2:]).as_dict()
     for dest, value in wanted.items():
         assert args[dest] == value, dest
     assert args["classes"] == ["kiwi", "lemon"] and args["model"] == "UNet" and args["sly_augs_path"] == "seg_simple"

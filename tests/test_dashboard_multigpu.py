@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 
-from custom_net.train import parse_args
+from custom_net.config import parse_config
 from tests.dashboard_harness import DashboardServer
 
 
@@ -40,7 +40,7 @@ def test_two_gpus_train_through_torchrun(app):
     command = app.text("s07_command")
     prefix = "CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc-per-node 2 custom_net/train.py "
     assert command.startswith(prefix)
-    assert parse_args(shlex.split(command[len(prefix):])).gpu_id == "auto"  # process N takes the N-th GPU
+    assert parse_config(shlex.split(command[len(prefix):])).gpu_id == "auto"  # process N takes the N-th GPU
 
     app.click("s07_train")
     assert app.wait_phase(timeout=300) == "finished", (app.status(7), app.log_tail())

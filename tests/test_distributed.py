@@ -27,7 +27,8 @@ from custom_net.distributed import DistributedEpochSampler, DistributedRunError,
 from custom_net.model import build_model
 from custom_net.reporting import Reporter
 from custom_net.sly_seg_dataset import EpochSampler
-from custom_net.train import ArgsError, main
+from custom_net.config import ArgsError
+from custom_net.train import main
 from custom_net.visualize import preview_panel
 
 EPOCHS = 2

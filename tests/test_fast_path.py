@@ -19,8 +19,10 @@ from custom_net import sly_seg_dataset as data
 from custom_net.inference import predict_probabilities, prepare_fast_model
 from custom_net.model import build_model, fold_batchnorm, model_list
 from custom_net.preprocessing import resize_image, resize_mask
-from custom_net.train import (COLLAPSE_ROUNDS, FEW_STEPS, ArgsError, _collapse_warning, build_parser,
-                              main, parse_args)
+from custom_net.config import ArgsError, build_parser, parse_config
+from custom_net.train import main
+from custom_net.run_folder import RunFolder
+from custom_net.trainer import COLLAPSE_ROUNDS, FEW_STEPS, collapse_warning
 from custom_net.epoch import forward_batch, NonFiniteLoss, train_one_epoch
 from custom_net.hardware import resolve_num_workers
 from custom_net.optim import SCHEDULE_OPTIONS, build_optimizer, build_scheduler, parameter_groups, set_bn_momentum
@@ -98,9 +100,9 @@ def test_num_workers_auto():
     assert resolve_num_workers("auto", torch.device("cpu")) == 0
     assert resolve_num_workers(3, torch.device("cpu")) == 3
     assert resolve_num_workers("auto", torch.device("cuda")) >= 1
-    assert parse_args(["--demo", "--num-workers", "2"]).num_workers == 2
+    assert parse_config(["--demo", "--num-workers", "2"]).num_workers == 2
     with pytest.raises(ValueError, match="--num-workers"):
-        parse_args(["--demo", "--num-workers", "-1"])
+        parse_config(["--demo", "--num-workers", "-1"])
 
 
 # ---- the recipe ----------------------------------------------------------------------------
@@ -122,24 +124,24 @@ def test_learning_rates_are_the_architectures(tmp_path):
     (bench/RESULTS.md): its decoder trains at 0.33x. Given flags, the original preset and a
     train_args.json still decide; train_args.json records the resolved values."""
     resolved = {name: (args.lr, args.decoder_lr_factor)
-                for name in model_list for args in [parse_args(["--demo", "--model", name])]}
+                for name in model_list for args in [parse_config(["--demo", "--model", name])]}
     assert resolved == {"UNet": (3e-3, 1.0), "UNet11": (3e-3, 1.0), "UNet16": (3e-3, 1.0),
                         "AlbuNet": (3e-3, 0.33), "LinkNet34": (3e-3, 1.0)}
-    given = parse_args(["--demo", "--model", "AlbuNet", "--lr", "0.01", "--decoder-lr-factor", "0.5"])
+    given = parse_config(["--demo", "--model", "AlbuNet", "--lr", "0.01", "--decoder-lr-factor", "0.5"])
     assert (given.lr, given.decoder_lr_factor) == (0.01, 0.5)
-    original = parse_args(["--demo", "--model", "AlbuNet", "--preset", "original"])
+    original = parse_config(["--demo", "--model", "AlbuNet", "--preset", "original"])
     assert (original.lr, original.decoder_lr_factor) == (1e-3, 1.0)
     recorded = tmp_path / "train_args.json"
 
     def from_file(values):
         recorded.write_text(json.dumps({"model": "AlbuNet", "project_dir": ".", **values}))
-        args = parse_args(["--train-args", str(recorded)])
+        args = parse_config(["--train-args", str(recorded)])
         return args.lr, args.decoder_lr_factor
 
     assert from_file({"lr": 0.02, "decoder_lr_factor": 0.1}) == (0.02, 0.1)
     assert from_file({}) == (3e-3, 0.33)
     with pytest.raises(ArgsError, match="--decoder-lr-factor"):
-        parse_args(["--demo", "--decoder-lr-factor", "0"])
+        parse_config(["--demo", "--decoder-lr-factor", "0"])
 
 
 def test_help_prints_the_per_architecture_defaults():
@@ -154,7 +156,7 @@ def test_resuming_a_run_from_before_the_decoder_factor_keeps_its_optimizer(tmp_p
     run = tmp_path / "old_run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "train_args.json").write_text(json.dumps({"model": "AlbuNet", "lr": 1e-3, "project_dir": "."}))
-    args = parse_args(["--resume", str(run)])
+    args = parse_config(["--resume", str(run)])
     assert (args.lr, args.decoder_lr_factor, args.bn_momentum) == (1e-3, 1.0, 0.1)
 
 
@@ -164,7 +166,7 @@ def test_decoder_parameter_groups_scale_through_the_schedule():
     encoder = {id(p) for p in model.encoder.parameters()}
     assert [len(g["params"]) for g in groups] == [len(encoder), len(list(model.parameters())) - len(encoder)]
     assert all(id(p) in encoder for p in groups[0]["params"]) and not any(id(p) in encoder for p in groups[1]["params"])
-    args = parse_args(["--demo", "--model", "AlbuNet", "--epochs", "2"])
+    args = parse_config(["--demo", "--model", "AlbuNet", "--epochs", "2"])
     optimizer = build_optimizer("Adam", groups, 3e-3, 0.9, 0.0, False)
     scheduler, _ = build_scheduler(args.lr_schedule, optimizer, 5, **{k: getattr(args, k) for k in SCHEDULE_OPTIONS})
     for _ in range(7):  # through warmup into the decay: the decoder stays at 0.33x the encoder
@@ -203,11 +205,11 @@ def test_collapse_detection_on_known_matrices():
 def test_collapse_warning_once_after_several_rounds():
     def history(flags):
         return [{"val_loss": 1.0, "collapsed_to": "__bg__" if f else None} for f in flags]
-    assert not _collapse_warning(history([True] * (COLLAPSE_ROUNDS - 1)), last_epoch=False)
-    assert _collapse_warning(history([True] * COLLAPSE_ROUNDS), last_epoch=False)
-    assert not _collapse_warning(history([True] * (COLLAPSE_ROUNDS + 1)), last_epoch=False)  # said already
-    assert not _collapse_warning(history([True, True, False]), last_epoch=True)
-    assert _collapse_warning(history([True]), last_epoch=True)  # a short run ending collapsed
+    assert not collapse_warning(history([True] * (COLLAPSE_ROUNDS - 1)), last_epoch=False)
+    assert collapse_warning(history([True] * COLLAPSE_ROUNDS), last_epoch=False)
+    assert not collapse_warning(history([True] * (COLLAPSE_ROUNDS + 1)), last_epoch=False)  # said already
+    assert not collapse_warning(history([True, True, False]), last_epoch=True)
+    assert collapse_warning(history([True]), last_epoch=True)  # a short run ending collapsed
 
 
 def test_short_run_warns_how_many_epochs_it_needs(tiny_project, tmp_path):
@@ -321,8 +323,8 @@ def test_serve_bench_measures_int8_only_for_calibrated_runs(tmp_path, capsys):
     serve_bench = _bench_module("serve_bench")
     run = serve_bench.fixed_seed_run(tmp_path / "run", size=64)
     assert serve_bench.int8_if_calibrated(run) == ["pytorch", "pytorch-fp32", "onnx"]
-    assert "no info/calibration_images.npz" in capsys.readouterr().out
-    np.savez(run / "info" / "calibration_images.npz", images=np.zeros((1, 64, 64, 3), np.uint8))
+    assert "no calibration images" in capsys.readouterr().out
+    np.savez(RunFolder(run).calibration, images=np.zeros((1, 64, 64, 3), np.uint8))
     assert serve_bench.int8_if_calibrated(run) == ["pytorch", "pytorch-fp32", "pytorch-int8", "onnx"]
 
 
@@ -429,13 +431,13 @@ def test_gradient_clipping_bounds_the_step(fp16):
 @pytest.mark.parametrize("text", ["-1", "nan"])
 def test_clip_grad_norm_flag_refuses_bad_values(text):
     with pytest.raises(ValueError, match="--clip-grad-norm"):
-        parse_args(["--demo", "--clip-grad-norm", text])
+        parse_config(["--demo", "--clip-grad-norm", text])
 
 
 @pytest.mark.parametrize("text", ["0", "1.5", "-0.1", "fast"])
 def test_bn_momentum_flag_refuses_bad_values(text):
     with pytest.raises(ValueError, match="--bn-momentum"):
-        parse_args(["--demo", "--bn-momentum", text])
+        parse_config(["--demo", "--bn-momentum", text])
 
 
 def test_bn_momentum_covers_about_an_epoch():
@@ -447,8 +449,8 @@ def test_bn_momentum_covers_about_an_epoch():
         assert set_bn_momentum(model, "auto", iterations) == expected
         assert {bn.momentum for bn in bns} == {expected}
     assert set_bn_momentum(model, 0.3, 1) == 0.3 and bns[-1].momentum == 0.3
-    assert parse_args(["--demo"]).bn_momentum == "auto"
-    assert parse_args(["--demo", "--preset", "original"]).bn_momentum == 0.1
+    assert parse_config(["--demo"]).bn_momentum == "auto"
+    assert parse_config(["--demo", "--preset", "original"]).bn_momentum == 0.1
     # momentum 1: after one training batch the statistics are that batch's own
     bn = torch.nn.BatchNorm2d(3)
     set_bn_momentum(bn, "auto", 1)
@@ -458,11 +460,11 @@ def test_bn_momentum_covers_about_an_epoch():
 
 
 def test_warmup_is_a_share_of_the_run():
-    assert parse_args(["--demo", "--epochs", "10"]).warmup_epochs == 3.0
-    assert parse_args(["--demo", "--epochs", "40"]).warmup_epochs == 12.0
-    assert parse_args(["--demo", "--epochs", "10", "--warmup-epochs", "1"]).warmup_epochs == 1.0
+    assert parse_config(["--demo", "--epochs", "10"]).warmup_epochs == 3.0
+    assert parse_config(["--demo", "--epochs", "40"]).warmup_epochs == 12.0
+    assert parse_config(["--demo", "--epochs", "10", "--warmup-epochs", "1"]).warmup_epochs == 1.0
     with pytest.raises(ValueError, match="--warmup-epochs"):
-        parse_args(["--demo", "--warmup-epochs", "-1"])
+        parse_config(["--demo", "--warmup-epochs", "-1"])
 
 
 @pytest.mark.parametrize("channels", [1, 3, 7])

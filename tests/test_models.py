@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from custom_net.model import (EncoderWeightsMissing, EvenOutputConvTranspose2d, UnknownModelError, build_model,
+from custom_net.pretrained import EncoderWeightsMissing
+from custom_net.model import (EvenOutputConvTranspose2d, UnknownModelError, build_model,
                               fold_batchnorm, model_list)
 from tests.conftest import shared_path
 

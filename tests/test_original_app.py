@@ -28,7 +28,8 @@ from supervisely.nn.prediction_dto import PredictionSegmentation
 from custom_net import sly_seg_dataset as data
 from custom_net.custom_weights import load_custom_weights
 from custom_net.model import build_model, model_list
-from custom_net.train import ArgsError, build_parser, main, parse_args
+from custom_net.config import ArgsError, build_parser, parse_config
+from custom_net.train import main
 from tests.conftest import REPO, MessageReporter as Messages, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:imgaug.*", "ignore::DeprecationWarning:imageio.*",
@@ -135,12 +136,12 @@ def test_original_train_args_replay_as_the_original_ran(original_run, tiny_proje
                 "val_vis_items_path": f"{agent}/info/val_vis_items.json", "sly": True}
     (run / "checkpoints" / "train_args.json").write_text(json.dumps(recorded))
     with pytest.warns(UserWarning, match="recorded paths not on this machine, taken from .*: classes_path, train_set"):
-        args = parse_args(["--train-args", str(run / "checkpoints" / "train_args.json"),
+        args = parse_config(["--train-args", str(run / "checkpoints" / "train_args.json"),
                            "--project-dir", str(tiny_project)])
-    assert args.classes == ["disk", "triangle", "__bg__"] and args.train_set == str(run / "info" / "train_set.json")
+    assert args.classes == ("disk", "triangle", "__bg__") and args.train_set == str(run / "info" / "train_set.json")
     assert (args.loss, args.init, args.scheduler_order, args.best_metric, args.clip_grad_norm, args.bn_momentum) == \
         ("jaccard_nll", "original", "before", "val_loss", 0.0, 0.1)
-    assert args.milestones == [5, 10, 15] and args.output == str(tmp_path / "replay")
+    assert args.milestones == (5, 10, 15) and args.output == str(tmp_path / "replay")
 
     summary = main(["--train-args", str(run / "checkpoints" / "train_args.json"), "--project-dir", str(tiny_project),
                     "--reporter", "none", "--no-eval"])
@@ -176,7 +177,7 @@ def test_help_lists_the_original_flags():
 ])
 def test_original_flags_bad_input(argv, message):
     with pytest.raises(ArgsError, match=re.escape(message)):
-        parse_args(["--project-dir", ".", *argv])
+        parse_config(["--project-dir", ".", *argv])
 
 
 def test_vis_items_outside_their_split_are_refused(tiny_project, tmp_path):
@@ -343,20 +344,20 @@ def _readme_preset_table() -> dict[str, str]:
 
 
 def test_preset_original_is_the_original_dashboards_start():
-    preset = vars(parse_args(["--project-dir", ".", "--preset", "original"]))
-    as_original_ran = vars(parse_args(["--project-dir", ".", *ORIGINAL_DASHBOARD_ARGV]))
+    preset = parse_config(["--project-dir", ".", "--preset", "original"]).as_dict()
+    as_original_ran = parse_config(["--project-dir", ".", *ORIGINAL_DASHBOARD_ARGV]).as_dict()
     for dest in (flag[2:].replace("-", "_") for flag in ORIGINAL_DASHBOARD_ARGV if flag.startswith("--")):
         assert preset[dest] == as_original_ran[dest], dest
     assert {k: preset[k] for k in ORIGINAL_BEHAVIOUR} == ORIGINAL_BEHAVIOUR
     # Given flags still win.
-    assert parse_args(["--project-dir", ".", "--preset", "original", "--epochs", "3"]).epochs == 3
+    assert parse_config(["--project-dir", ".", "--preset", "original", "--epochs", "3"]).epochs == 3
 
 
 def test_readme_states_the_preset_flag_by_flag():
     table = _readme_preset_table()
-    stated = parse_args(["--project-dir", ".", *[part for flag, value in table.items()
+    stated = parse_config(["--project-dir", ".", *[part for flag, value in table.items()
                                                   for part in ([flag, value] if value else [flag])]])
-    preset = parse_args(["--project-dir", ".", "--preset", "original"])
+    preset = parse_config(["--project-dir", ".", "--preset", "original"])
     dests = {flag[2:].replace("-", "_").removeprefix("no_") for flag in table}
     assert dests >= {flag[2:].replace("-", "_") for flag in ORIGINAL_DASHBOARD_ARGV if flag.startswith("--")}
     assert dests >= set(ORIGINAL_BEHAVIOUR)

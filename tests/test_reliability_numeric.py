@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-import custom_net.train as train_module
+import custom_net.trainer as train_module
 from custom_net.train import cli
 from tests.conftest import TINY_TRAIN_ARGS
 

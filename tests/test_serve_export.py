@@ -20,7 +20,8 @@ import torch
 
 from tests.conftest import REPO, shared_path
 from custom_net.export import OnnxRuntimeModel, export_onnx
-from custom_net.inference import StageTimes, load_trained_model, resolve_checkpoint
+from custom_net.inference import StageTimes, load_trained_model
+from custom_net.run_folder import resolve_checkpoint
 from custom_net.model import build_model
 from custom_net.predict import load_predictor, main as predict_main
 from custom_net.preprocessing import ImageReadError, decode_image_rgb, normalize_batch, read_image_rgb, resize_image

@@ -21,9 +21,11 @@ from custom_net import augs, sly_seg_dataset as data
 from custom_net.inference import convert_prediction_to_sly_format, inference, load_trained_model, predict_image
 from custom_net.loss import build_loss
 from custom_net.reporting import Reporter
-from custom_net.train import DEMO_DEFAULTS, ArgsError, build_model, main, parse_args
+from custom_net.config import ArgsError, parse_config
+from custom_net.model import build_model, model_list
+from custom_net.train import main
 from custom_net.epoch import NonFiniteLoss
-from custom_net.validation import evaluate
+from custom_net.validation import validate
 
 EPOCHS = 4
 AUGS = "seg_simple_rotate_crop_flipLR_flipUD"
@@ -259,7 +261,7 @@ def _evaluate_checkpoint(run: Path, project_dir: Path, checkpoint: Path) -> dict
         model.load_state_dict(torch.load(checkpoint), strict=True)
         model.to(memory_format=torch.channels_last)
         criterion = build_loss(args["loss"], len(CLASSES), args["jaccard_weight"], args["class_weights"])
-        return evaluate(model, criterion, loader, torch.device("cpu"), CLASSES, None, torch.channels_last)
+        return validate(model, criterion, loader, torch.device("cpu"), CLASSES, None, torch.channels_last)
     finally:
         prepared.close()
 
@@ -393,7 +395,7 @@ class _NaNOnTrainingCall(torch.nn.Module):
 
 
 def test_non_finite_loss_raises_and_keeps_checkpoints(tiny_project, tmp_path, monkeypatch):
-    import custom_net.train as train_module
+    import custom_net.trainer as train_module
 
     real = train_module.build_loss
     # 10 training items, batch 4: 3 iterations per epoch, so call 5 is epoch 2, iteration 2.
@@ -414,14 +416,18 @@ def test_non_finite_loss_raises_and_keeps_checkpoints(tiny_project, tmp_path, mo
 # ---- 8. --demo parsing ------------------------------------------------------------------
 
 def test_demo_defaults_and_overrides():
-    args = parse_args(["--demo"])
-    assert args.demo and args.project_dir is None
-    assert {k: getattr(args, k) for k in DEMO_DEFAULTS} == DEMO_DEFAULTS
-    args = parse_args(["--demo", "--epochs", "3", "--input-width", "64"])
+    """--demo is sized for a laptop CPU: a model with no encoder to download, smaller inputs and batches than
+    a real run's defaults, its own output folder; flags given explicitly win."""
+    demo, real = parse_config(["--demo"]), parse_config(["--project-dir", "."])
+    assert demo.demo and demo.project_dir is None
+    assert model_list[demo.model]["pretrained_encoder"] is None and demo.encoder_weights == "none"
+    assert demo.input_height * demo.input_width < real.input_height * real.input_width
+    assert demo.batch_size < real.batch_size and demo.output != real.output
+    args = parse_config(["--demo", "--epochs", "3", "--input-width", "64"])
     assert args.epochs == 3 and args.input_width == 64
-    assert args.model == DEMO_DEFAULTS["model"] and args.input_height == DEMO_DEFAULTS["input_height"]
+    assert args.model == demo.model and args.input_height == demo.input_height
     with pytest.raises(ArgsError, match="--project-dir"):
-        parse_args(["--epochs", "3"])
+        parse_config(["--epochs", "3"])
 
 
 # ---- 9. inference -----------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from custom_net.loss import CEDiceLoss, JaccardNLLLoss, build_loss
-from custom_net.train import build_parser
+from custom_net.config import build_parser
 from custom_net.checkpoints import CheckpointSaver
 from custom_net.hardware import resolve_amp, select_device
 from custom_net.optim import SCHEDULE_OPTIONS, build_scheduler

@@ -32,7 +32,7 @@ from supervisely.nn.utils import CheckpointInfo, ModelPrecision
 from custom_net.inference import INFERENCE_MODES, StageTimes, convert_prediction_to_sly_format
 from custom_net.predict import Predictor, load_predictor
 from custom_net.preprocessing import ImageReadError, decode_image_rgb, read_image_rgb
-from custom_net.quantize import CALIBRATION_FILE
+from custom_net.run_folder import RunFolder
 
 DEFAULT_SETTINGS = {
     "mode": "whole",         # whole: resized to the training size; sliding: training-size tiles at full resolution
@@ -201,23 +201,20 @@ class DeployConfig:
 
 
 def download_run_files(api: sly.Api, team_id: int, remote_checkpoint: str, local_dir: Path) -> Path:
-    """Copy a Team Files checkpoint and its run's info/ui_state.json, info/model_classes.json into local_dir,
-    keeping the run's layout (checkpoints/ beside info/) that ``load_trained_model`` reads."""
+    """Copy a Team Files checkpoint and what serving reads of its run (ui_state, model classes, calibration
+    images if any) into ``local_dir``, keeping the run's layout that ``load_trained_model`` reads."""
     remote = PurePosixPath(remote_checkpoint)
-    run = remote.parent.parent
-    files = {str(remote): local_dir / "checkpoints" / remote.name}
-    for name in ("ui_state.json", "model_classes.json"):
-        files[str(run / "info" / name)] = local_dir / "info" / name
+    run, local = RunFolder.of_checkpoint(remote), RunFolder(local_dir)
+    files = {remote: local.checkpoints / remote.name, run.ui_state: local.ui_state, run.model_classes: local.model_classes}
     for remote_path, local_path in files.items():
-        if not api.file.exists(team_id, remote_path):
+        if not api.file.exists(team_id, str(remote_path)):
             raise FileNotFoundError(f"Team Files (team {team_id}): {remote_path} not found; a checkpoint must sit in "
                                     "<run>/checkpoints/ beside <run>/info/ as the training app uploads it")
         local_path.parent.mkdir(parents=True, exist_ok=True)
-        api.file.download(team_id, remote_path, str(local_path))
-    calibration = run / "info" / CALIBRATION_FILE  # optional: only the int8 runtime reads it, and older runs lack it
-    if api.file.exists(team_id, str(calibration)):
-        api.file.download(team_id, str(calibration), str(local_dir / "info" / CALIBRATION_FILE))
-    return files[str(remote)]
+        api.file.download(team_id, str(remote_path), str(local_path))
+    if api.file.exists(team_id, str(run.calibration)):  # optional: only int8 reads it, and older runs lack it
+        api.file.download(team_id, str(run.calibration), str(local.calibration))
+    return files[remote]
 
 
 def _error_response(status: int, message: str) -> JSONResponse:

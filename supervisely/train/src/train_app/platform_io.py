@@ -7,7 +7,7 @@ Transient failures (dropped connections, timeouts, 5xx) are retried with the SDK
   when the SDK gives up (a longer outage).
 - The upload does not go through the SDK's retry: it re-sends a multipart body that the first attempt
   consumed (the request then hangs). Each batch is posted once per attempt, with a timeout, and only the
-  files not yet in Team Files are sent again, always to the same folder (``UPLOAD_STATE``).
+  files not yet in Team Files are sent again, always to the same folder (``RunFolder.upload_state``).
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ import supervisely as sly
 from requests_toolbelt import MultipartEncoder
 from supervisely.io.network_exceptions import RETRY_STATUS_CODES
 
+from custom_net.run_folder import RunFolder
 from train_app.environment import Environment
 
 logger = logging.getLogger("train_dashboard")
 CACHE_MARKER = ".unet_download.json"
-UPLOAD_STATE = ".unet_upload.json"  # in the run folder: the Team Files folder its upload goes to (not uploaded)
 DOWNLOAD_ATTEMPTS = 3  # whole downloads; each request inside is retried by the SDK
 UPLOAD_TIMEOUT = (10.0, 300.0)  # seconds to connect, to wait for the answer to one batch
 BATCH_BYTES, BATCH_FILES = 20 * 1024 * 1024, 50  # as the SDK's upload_directory
@@ -117,7 +117,7 @@ def fetch_checkpoint(env: Environment, remote_path: str) -> Path:
     """A Team Files checkpoint, and its run's ``info/model_classes.json`` beside it when the run has one: the
     engine carries the head's channels over to the classes of the same names."""
     local = fetch_team_file(env, remote_path)
-    classes = PurePosixPath(remote_path).parent.parent / "info" / "model_classes.json"
+    classes = RunFolder.of_checkpoint(PurePosixPath(remote_path)).model_classes
     if env.api.file.exists(env.team_id, str(classes)):
         fetch_team_file(env, str(classes))
     return local
@@ -142,7 +142,7 @@ def upload_command(env: Environment, run_dir: Path, remote_dir: str) -> str:
 def _destination(env: Environment, run_dir: Path, remote_dir: str) -> str:
     """The Team Files folder of this run: chosen once (``remote_dir``, or ``remote_dir_000`` ... when taken,
     as the SDK names it) and kept in the run folder, so retries and later uploads complete the same one."""
-    state = run_dir / UPLOAD_STATE
+    state = RunFolder(run_dir).upload_state
     if state.is_file():
         return json.loads(state.read_text())["remote_dir"]
     remote = env.api.file.get_free_dir_name(env.team_id, remote_dir).rstrip("/") + "/"
@@ -193,7 +193,7 @@ def upload_artifacts(env: Environment, run_dir: Path, remote_dir: str,
         try:
             remote = _destination(env, run_dir, remote_dir)
             files = [(p, remote + p.relative_to(run_dir).as_posix(), p.stat().st_size)
-                     for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != UPLOAD_STATE]
+                     for p in sorted(run_dir.rglob("*")) if p.is_file() and p != RunFolder(run_dir).upload_state]
             total = sum(n for _, _, n in files)
             present = {f.path: f.sizeb for f in env.api.file.list(env.team_id, remote, return_type="fileinfo")}
             todo = [f for f in files if present.get(f[1]) != f[2]]  # what arrived before is not sent again

@@ -7,7 +7,7 @@ from supervisely.app.widgets import Button, Card, Container, Field, Input, Selec
 
 from custom_net.sly_integration import check_setting, list_devices, plan_launch, settings_to_argv
 from custom_net.original_app import ORIGINAL_PRESET
-from custom_net.train import MODEL_DEFAULTS, ArgsError, build_parser, parse_args
+from custom_net.config import MODEL_DEFAULTS, ArgsError, build_parser, parse_config
 from train_app.wizard import Step
 
 # The options this card shows, by section. A new engine option goes into one of these lists, or into
@@ -69,7 +69,7 @@ def _as_text(value) -> str:
 def recipe_values(preset: str, model: str) -> dict:
     """Every option's value under a recipe for an architecture, as the engine resolves ``--preset``
     (the learning rates depend on the architecture)."""
-    return vars(parse_args(["--project-dir", ".", "--preset", preset, "--model", model]))
+    return parse_config(["--project-dir", ".", "--preset", preset, "--model", model]).as_dict()
 
 
 class HyperparametersStep(Step):
@@ -171,7 +171,7 @@ class HyperparametersStep(Step):
         launch = settings["gpu_id"]
         settings["gpu_id"] = launch.gpu_id
         try:  # rules that involve several options (and everything earlier steps chose)
-            parse_args(settings_to_argv({**self.session.settings(), **settings}))
+            parse_config(settings_to_argv({**self.session.settings(), **settings}))
         except ArgsError as e:
             raise ValueError(str(e)) from None
         self.session.settings_by_step[self.number] = settings

@@ -14,7 +14,10 @@ from pathlib import Path
 from supervisely.app import StateJson
 from supervisely.app.widgets import Button, Container, Field, Flexbox, GridGallery, LinePlot, Progress, Select, Text
 
-from custom_net import sly_seg_dataset as data, train
+from custom_net import sly_seg_dataset as data
+from custom_net.config import ArgsError, parse_config
+from custom_net.run_folder import RunFolder
+from custom_net.trainer import ui_state_from_config
 from custom_net.distributed import DistributedRunError, torchrun_command
 from custom_net.sly_integration import (DashboardReporter, Launch, describe_evaluation, settings_to_argv,
                                         start_training)
@@ -24,7 +27,7 @@ from train_app.images import data_url
 from train_app.wizard import USER_ERRORS, Step
 
 logger = logging.getLogger("train_dashboard")
-ENGINE_ERRORS = (train.ArgsError, DistributedRunError, *USER_ERRORS)
+ENGINE_ERRORS = (ArgsError, DistributedRunError, *USER_ERRORS)
 POLL_SECONDS = 0.3
 
 
@@ -101,11 +104,11 @@ class TrainStep(Step):
         settings = self.settings()
         argv = settings_to_argv(settings)
         try:
-            args = train.parse_args(argv)
-        except train.ArgsError as e:
+            config = parse_config(argv)
+        except ArgsError as e:
             raise ValueError(str(e)) from None
-        model_classes = data.build_model_classes(self.session.project.meta, args.classes)
-        ui_state = {**train.ui_state_from_args(args, model_classes), "settings": settings,
+        model_classes = data.build_model_classes(self.session.project.meta, config.classes)
+        ui_state = {**ui_state_from_config(config, model_classes), "settings": settings,
                     "widgets": json.loads(json.dumps(dict(StateJson()), default=str))}
         if self.session.launch.distributed:
             ui_state["gpusId"] = list(self.session.launch.torchrun_gpus)
@@ -261,7 +264,7 @@ class TrainStep(Step):
 
     def _upload(self, output: Path) -> str:
         env = self.session.env
-        (output / "open_app.lnk").write_text(f"{env.api.server_address}/apps/sessions/{env.task_id}\n")
+        RunFolder(output).open_app_link.write_text(f"{env.api.server_address}/apps/sessions/{env.task_id}\n")
         with counting(self.upload, message="Uploading artifacts", unit="B", unit_scale=True) as progress:
             return platform_io.upload_artifacts(env, output, f"/unet/{env.task_id}_{self.session.experiment}/", progress)
 
