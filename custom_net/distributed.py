@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 from custom_net.config import parse_config
-from custom_net.reporting import Reporter
+from custom_net.reporting import EVENT_FIELDS, Reporter, replay
 from custom_net.run_folder import RunFolder
 from custom_net.sly_seg_dataset import EpochSampler
 from custom_net.hardware import select_device
@@ -242,7 +242,7 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
             event = _parse_event(line)
             if event is None:
                 continue  # third-party output on stdout
-            name = event.pop("event")
+            name = event["event"]
             if name == "start":
                 output_dir, pid = Path(event["output_dir"]), event["pid"]
                 if ui_state is not None and event["start_epoch"] == 1:  # rank 0 wrote its own before "start"
@@ -250,8 +250,10 @@ def run_torchrun(argv: list[str], gpu_ids: list[int | str], reporter: Reporter, 
             elif name == "epoch_start" and not rank0_pid:
                 rank0_pid.append(pid)
             elif name == "finish":
-                summary = event
-            _dispatch(name, event, reporter, output_dir)
+                summary = {k: v for k, v in event.items() if k != "event"}
+            elif name == "previews":  # the JSON line names the items; their panels are in the PNG rank 0 saved
+                event["images"] = _preview_panels(output_dir, event)
+            replay(event, reporter)
         returncode = proc.wait()
     finally:
         if proc.poll() is None:  # the caller was interrupted: do not leave the ranks running
@@ -281,26 +283,7 @@ def _parse_event(line: str) -> dict | None:
         event = json.loads(line)
     except ValueError:
         return None
-    return event if isinstance(event, dict) and "event" in event else None
-
-
-def _dispatch(name: str, data: dict, reporter: Reporter, output_dir: Path | None) -> None:
-    if name == "start":
-        reporter.start(data)
-    elif name == "epoch_start":
-        reporter.epoch_start(data["epoch"])
-    elif name == "train_step":
-        reporter.train_step(data["epoch"], data["iteration"], data["iterations"], data["loss"], data["lr"])
-    elif name == "val_progress":
-        reporter.val_progress(data["epoch"], data["done"], data["total"])
-    elif name == "epoch_end":
-        reporter.epoch_end(data["epoch"], data)
-    elif name == "previews":
-        reporter.previews(data["epoch"], data["split"], _preview_panels(output_dir, data))
-    elif name == "message":
-        reporter.message(data["level"], data["text"])
-    elif name == "finish":
-        reporter.finish(data)
+    return event if isinstance(event, dict) and event.get("event") in EVENT_FIELDS else None
 
 
 def _preview_panels(output_dir: Path | None, data: dict) -> list[tuple[str, np.ndarray]]:
@@ -308,7 +291,7 @@ def _preview_panels(output_dir: Path | None, data: dict) -> list[tuple[str, np.n
     are stacked vertically, one per item, all of the same height."""
     import cv2
 
-    names = data["items"]
+    names = data.pop("items")
     path = RunFolder(output_dir).preview(data["split"], data["epoch"]) if output_dir else None
     image = cv2.imread(str(path), cv2.IMREAD_COLOR) if names and path else None
     if image is None:

@@ -1,7 +1,10 @@
-"""Progress reporters: how a training run tells the outside world what it is doing.
+"""Progress of a training run: reporter hooks, and one event protocol for everything that follows a run.
 
-``train.main`` calls these methods and never imports a UI; the console (tqdm), a JSON-lines
-stream and the Supervisely dashboard (``sly_integration``) each implement them.
+The trainer calls a ``Reporter``'s hooks and never imports a UI. ``event()`` turns a hook call into an event
+(a dict naming the hook under "event"; JSON-able but for the images of ``previews``), ``replay()`` turns
+an event back into the same hook call on another reporter. An ``EventSink`` is a reporter that turns every
+call into an event: the CLI's JSON lines, the dashboard's queue, ``Broadcast`` and the tests' recorders are
+sinks, and the torchrun relay replays the lines rank 0 prints.
 """
 from __future__ import annotations
 
@@ -37,22 +40,60 @@ class Reporter:
         return self._stop.is_set()
 
 
-class Broadcast(Reporter):
-    """Every hook goes to each of ``reporters``; a stop asked of any of them (or of this) stops the run."""
+# The arguments of each hook, as event fields. The dict of start / epoch_end / finish is the event itself
+# (epoch_end's record holds its epoch).
+EVENT_FIELDS = {"start": None, "epoch_start": ("epoch",),
+                "train_step": ("epoch", "iteration", "iterations", "loss", "lr"),
+                "val_progress": ("epoch", "done", "total"), "epoch_end": None,
+                "previews": ("epoch", "split", "images"), "message": ("level", "text"), "finish": None}
 
-    HOOKS = ("start", "epoch_start", "train_step", "val_progress", "epoch_end", "previews", "message", "finish")
+
+def event(name: str, *args) -> dict:
+    """The event of the hook call ``name(*args)``."""
+    fields = EVENT_FIELDS[name]
+    if fields is None:
+        return {"event": name, **args[-1]}
+    return {"event": name, **dict(zip(fields, args))}
+
+
+def replay(event: dict, reporter: Reporter) -> None:
+    """Call ``reporter``'s hook for ``event`` as the trainer called the sink's."""
+    name = event["event"]
+    payload = {k: v for k, v in event.items() if k != "event"}
+    fields = EVENT_FIELDS[name]
+    if fields is None:
+        args = (payload["epoch"], payload) if name == "epoch_end" else (payload,)
+    else:
+        args = tuple(payload[f] for f in fields)
+    getattr(reporter, name)(*args)
+
+
+class EventSink(Reporter):
+    """A reporter that turns each hook call into an event for ``emit``."""
+
+    def emit(self, event: dict) -> None:
+        raise NotImplementedError
+
+    def start(self, info): self.emit(event("start", info))
+    def epoch_start(self, epoch): self.emit(event("epoch_start", epoch))
+    def train_step(self, *args): self.emit(event("train_step", *args))
+    def val_progress(self, epoch, done, total): self.emit(event("val_progress", epoch, done, total))
+    def epoch_end(self, epoch, record): self.emit(event("epoch_end", epoch, record))
+    def previews(self, epoch, split, images): self.emit(event("previews", epoch, split, images))
+    def message(self, level, text): self.emit(event("message", level, text))
+    def finish(self, summary): self.emit(event("finish", summary))
+
+
+class Broadcast(EventSink):
+    """Every hook goes to each of ``reporters``; a stop asked of any of them (or of this) stops the run."""
 
     def __init__(self, *reporters: Reporter):
         super().__init__()
         self.reporters = reporters
-        for hook in self.HOOKS:
-            setattr(self, hook, self._broadcaster(hook))
 
-    def _broadcaster(self, hook: str):
-        def call(*args):
-            for reporter in self.reporters:
-                getattr(reporter, hook)(*args)
-        return call
+    def emit(self, event: dict) -> None:
+        for reporter in self.reporters:
+            replay(event, reporter)
 
     def request_stop(self) -> None:
         super().request_stop()
@@ -113,37 +154,16 @@ class ConsoleReporter(Reporter):
         print("\n".join(lines), file=self.stream)
 
 
-class JsonLinesReporter(Reporter):
-    """One JSON object per event on ``stream``, for programs that drive the CLI."""
+class JsonLinesReporter(EventSink):
+    """One JSON object per event on ``stream``, for programs that drive the CLI; previews name their items
+    (the images are in the run folder)."""
 
     def __init__(self, stream=None):
         super().__init__()
         self.stream = stream or sys.stdout
 
-    def _emit(self, event: str, **data) -> None:
-        self.stream.write(json.dumps({"event": event, **data}, default=float) + "\n")
+    def emit(self, event: dict) -> None:
+        if event["event"] == "previews":
+            event = {**{k: v for k, v in event.items() if k != "images"}, "items": [name for name, _ in event["images"]]}
+        self.stream.write(json.dumps(event, default=float) + "\n")
         self.stream.flush()
-
-    def start(self, info):
-        self._emit("start", **info)
-
-    def epoch_start(self, epoch):
-        self._emit("epoch_start", epoch=epoch)
-
-    def val_progress(self, epoch, done, total):
-        self._emit("val_progress", epoch=epoch, done=done, total=total)
-
-    def train_step(self, epoch, iteration, iterations, loss, lr):
-        self._emit("train_step", epoch=epoch, iteration=iteration, iterations=iterations, loss=loss, lr=lr)
-
-    def epoch_end(self, epoch, record):
-        self._emit("epoch_end", **record)
-
-    def previews(self, epoch, split, images):
-        self._emit("previews", epoch=epoch, split=split, items=[name for name, _ in images])
-
-    def message(self, level, text):
-        self._emit("message", level=level, text=text)
-
-    def finish(self, summary):
-        self._emit("finish", **summary)

@@ -12,50 +12,22 @@ import queue
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
-from custom_net.reporting import Reporter
+from custom_net.reporting import EventSink, Reporter
 
 
-class DashboardReporter(Reporter):
-    """Thread-safe event queue between the engine (producer) and the dashboard (consumer).
-
-    Events are ``(name, payload)`` with names: start, epoch_start, train_step, val_progress,
-    epoch_end, previews, message, finish. Payloads are plain dicts; previews carry RGB arrays.
-    """
+class DashboardReporter(EventSink):
+    """Thread-safe queue of the run's events (``custom_net.reporting``) between the engine (producer) and the
+    dashboard (consumer, which replays them onto its widgets); previews carry RGB arrays."""
 
     def __init__(self):
         super().__init__()
         self._events: queue.Queue = queue.Queue()
 
-    def _post(self, name: str, **payload) -> None:
-        self._events.put((name, payload))
+    def emit(self, event: dict) -> None:
+        self._events.put(event)
 
-    def start(self, info: dict) -> None:
-        self._post("start", **info)
-
-    def epoch_start(self, epoch: int) -> None:
-        self._post("epoch_start", epoch=epoch)
-
-    def train_step(self, epoch, iteration, iterations, loss, lr) -> None:
-        self._post("train_step", epoch=epoch, iteration=iteration, iterations=iterations, loss=loss, lr=lr)
-
-    def val_progress(self, epoch, done, total) -> None:
-        self._post("val_progress", epoch=epoch, done=done, total=total)
-
-    def epoch_end(self, epoch: int, record: dict) -> None:
-        self._post("epoch_end", **record)
-
-    def previews(self, epoch: int, split: str, images: list[tuple[str, np.ndarray]]) -> None:
-        self._post("previews", epoch=epoch, split=split, images=images)
-
-    def message(self, level: str, text: str) -> None:
-        self._post("message", level=level, text=text)
-
-    def finish(self, summary: dict) -> None:
-        self._post("finish", **summary)
-
-    def drain(self) -> list[tuple[str, dict]]:
+    def drain(self) -> list[dict]:
         """All events posted since the last call, oldest first; never blocks."""
         events = []
         while True:

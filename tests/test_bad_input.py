@@ -14,62 +14,18 @@ import pytest
 import torch
 
 from custom_net.augs import AugsConfigError
-from custom_net.reporting import Reporter
 from custom_net.sly_seg_dataset import DataError
 from custom_net.config import ArgsError
 from custom_net.model import model_list
 from custom_net.train import main
 from custom_net.optim import LR_SCHEDULES, OPTIMIZERS
-from tests.conftest import TINY_TRAIN_ARGS, run_cli
-
-ARGS = [*TINY_TRAIN_ARGS, "--epochs", "1"]
-
-
-class RecordingReporter(Reporter):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[tuple[str, str]] = []
-        self.events: list[str] = []
-
-    def start(self, info):
-        self.events.append("start")
-        self.info = info
-
-    def epoch_start(self, epoch):
-        self.events.append(f"epoch {epoch}")
-
-    def message(self, level, text):
-        self.messages.append((level, text))
+from tests.helpers import BAD_INPUT_ARGS as ARGS, RecordingReporter, edit_json, fails, run_cli
 
 
 @pytest.fixture
 def project(tiny_project, tmp_path) -> Path:
     """A private copy of the tiny project, free to damage."""
     return shutil.copytree(tiny_project, tmp_path / "project")
-
-
-def _edit_json(path: Path, change) -> None:
-    value = json.loads(path.read_text(encoding="utf-8"))
-    change(value)
-    path.write_text(json.dumps(value), encoding="utf-8")
-
-
-def fails(tmp_path: Path, argv: list[str], error: type, *names: str) -> str:
-    """Run main(argv); expect exactly ``error`` whose message names every one of ``names``."""
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    cache.mkdir(exist_ok=True)
-    reporter = RecordingReporter()
-    with pytest.raises(Exception) as info:
-        main([*ARGS, *argv, "--output", str(out), "--cache-dir", str(cache)], reporter=reporter)
-    assert type(info.value) is error, f"{type(info.value).__name__}: {info.value}"
-    message = str(info.value)
-    for name in names:
-        assert name in message, f"{name!r} not in: {message}"
-    assert info.value.__cause__ is None and "Traceback" not in message  # one error, not a chain
-    assert reporter.events == []  # raised before training started
-    assert not out.exists(), "an output folder was left behind"
-    assert not list(cache.iterdir()), "a data cache was left behind"
-    return message
 
 
 # ---- the project ------------------------------------------------------------------------------------
@@ -109,14 +65,14 @@ def test_unknown_class_lists_known_classes(project, tmp_path):
 
 
 def test_class_without_area(project, tmp_path):
-    _edit_json(project / "meta.json",
+    edit_json(project / "meta.json",
                lambda meta: meta["classes"].append({"title": "spot", "shape": "point", "color": "#00FF00"}))
     fails(tmp_path, ["--project-dir", str(project), "--classes", "disk", "spot"], DataError,
           "'spot'", "shape point", "no area")
 
 
 def test_class_without_labels(project, tmp_path):
-    _edit_json(project / "meta.json",
+    edit_json(project / "meta.json",
                lambda meta: meta["classes"].append({"title": "ghost", "shape": "bitmap", "color": "#00FF00"}))
     message = fails(tmp_path, ["--project-dir", str(project), "--classes", "disk", "ghost"], DataError,
                     "'ghost'", "no labelled pixels")
@@ -152,7 +108,7 @@ def test_annotation_missing_in_nested_dataset(project, tmp_path):
 
 
 def test_annotation_size_differs_from_image(project, tmp_path):
-    _edit_json(project / ANN, lambda ann: ann.update(size={"height": 40, "width": 64}))
+    edit_json(project / ANN, lambda ann: ann.update(size={"height": 40, "width": 64}))
     fails(tmp_path, ["--project-dir", str(project)], DataError, str(project / ANN), "64x40",
           str(project / ITEM), "64x48")
 
@@ -168,7 +124,7 @@ def test_annotation_class_not_in_meta(project, tmp_path):
 
     ann = json.loads((project / ANN).read_text())
     assert ann["objects"], "the test item needs a label"
-    _edit_json(project / ANN, rename_first_label)
+    edit_json(project / ANN, rename_first_label)
     fails(tmp_path, ["--project-dir", str(project)], DataError, str(project / ANN), "'alien'",
           "not in the project's meta.json")
 
@@ -285,7 +241,7 @@ def test_batch_larger_than_train_set_warns_and_trains(tiny_project, tmp_path):
     n_train = len(json.loads((out / "info" / "train_set.json").read_text()))
     assert n_train == 10  # 12 items, 20% for validation
     assert f"--batch-size 16 is larger than the {n_train} training item(s)" in warnings[0]
-    assert reporter.info["iters_per_epoch"] == 1  # a single batch per epoch
+    assert reporter.named("start")[0]["iters_per_epoch"] == 1  # a single batch per epoch
     assert (out / "checkpoints" / "model_001_last.pth").is_file()
 
 

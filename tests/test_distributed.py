@@ -11,7 +11,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from custom_net.sly_seg_dataset import EpochSampler
 from custom_net.config import ArgsError
 from custom_net.train import main
 from custom_net.visualize import preview_panel
+from tests.helpers import free_port, metrics_of, RecordingReporter
 
 EPOCHS = 2
 ARGS = ["--model", "UNet", "--input-height", "64", "--input-width", "64", "--epochs", str(EPOCHS),
@@ -38,35 +38,6 @@ ARGS = ["--model", "UNet", "--input-height", "64", "--input-width", "64", "--epo
         "--num-workers", "0", "--reporter", "none"]
 UI_STATE = {"selectedModel": "UNet", "imgSize": {"width": 64, "height": 64}, "gpusId": [0, 1]}  # the dashboard's
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two ranks on a shared 2-core machine
-
-
-class Recorder(Reporter):
-    """Records every hook call; asks for a stop when epoch ``stop_at_epoch`` starts."""
-
-    def __init__(self, stop_at_epoch: int | None = None):
-        super().__init__()
-        self.events: list[tuple[str, tuple]] = []
-        self.stop_at_epoch = stop_at_epoch
-
-    def start(self, *args): self.events.append(("start", args))
-    def train_step(self, *args): self.events.append(("train_step", args))
-    def val_progress(self, *args): self.events.append(("val_progress", args))
-    def epoch_end(self, *args): self.events.append(("epoch_end", args))
-    def previews(self, *args): self.events.append(("previews", args))
-    def message(self, *args): self.events.append(("message", args))
-    def finish(self, *args): self.events.append(("finish", args))
-
-    def epoch_start(self, epoch):
-        self.events.append(("epoch_start", (epoch,)))
-        if epoch == self.stop_at_epoch:
-            self.request_stop()
-
-    def named(self, name: str) -> list[tuple]:
-        return [args for event, args in self.events if event == name]
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "info" / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +50,7 @@ def single_run(tiny_project, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(tiny_project, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    recorder = Recorder()
+    recorder = RecordingReporter()
     summary = run_torchrun(["--project-dir", str(tiny_project), *ARGS, "--batch-size", "2", "--output", str(out)],
                            [0, 1], recorder, ui_state=UI_STATE, env=ONE_THREAD)
     return out, recorder, summary
@@ -164,7 +135,7 @@ def test_launcher_reports_a_failed_run(tmp_path):
 # ---- a 2-process run --------------------------------------------------------------------------------
 
 def test_ddp_matches_single_process_run(single_run, ddp_run):
-    ddp, single = _metrics(ddp_run[0]), _metrics(single_run)
+    ddp, single = metrics_of(ddp_run[0]), metrics_of(single_run)
     assert [r["epoch"] for r in ddp] == list(range(1, EPOCHS + 1))
     for a, b in zip(ddp, single):
         for key in ("train_loss", "val_loss", "pixel_accuracy", "mean_iou", "mean_dice", "lr"):
@@ -182,7 +153,7 @@ def test_ddp_writes_one_artifact_tree(ddp_run):
                  "info/summary.json", "info/charts/loss.png", f"info/previews/val_epoch_{EPOCHS:03d}.png"):
         assert name in names
     assert not [n for n in names if "/." in n or n.startswith(".")]  # no temporary files left
-    assert len(_metrics(out)) == EPOCHS  # one line per epoch: one writer
+    assert len(metrics_of(out)) == EPOCHS  # one line per epoch: one writer
     plain = build_model("UNet", 4)
     for path in (out / "checkpoints").glob("model_*.pth"):
         state = torch.load(path, weights_only=True)
@@ -193,16 +164,17 @@ def test_ddp_writes_one_artifact_tree(ddp_run):
 def test_ddp_run_is_followed_like_an_in_process_run(ddp_run):
     out, recorder, summary = ddp_run
     (start,) = recorder.named("start")
-    assert start[0]["world_size"] == 2 and start[0]["iters_per_epoch"] == 3  # 10 items: 5 per rank, batches 2 2 1
-    assert [args[0] for args in recorder.named("epoch_start")] == list(range(1, EPOCHS + 1))
+    assert start["world_size"] == 2 and start["iters_per_epoch"] == 3  # 10 items: 5 per rank, batches 2 2 1
+    assert [e["epoch"] for e in recorder.named("epoch_start")] == list(range(1, EPOCHS + 1))
     assert recorder.named("train_step") and recorder.named("val_progress")
-    assert [args[1]["epoch"] for args in recorder.named("epoch_end")] == list(range(1, EPOCHS + 1))
-    epoch, split, panels = recorder.named("previews")[-1]
+    assert [e["epoch"] for e in recorder.named("epoch_end")] == list(range(1, EPOCHS + 1))
+    last = recorder.named("previews")[-1]
+    epoch, split, panels = last["epoch"], last["split"], last["images"]
     assert (epoch, split) == (EPOCHS, "val") and len(panels) == 2
     blank = np.zeros((64, 64), np.uint8)
     shape = preview_panel(np.zeros((64, 64, 3), np.uint8), blank, blank, [[0, 0, 0]]).shape  # image | truth | prediction
     assert all(isinstance(name, str) and image.shape == shape and image.dtype == np.uint8 for name, image in panels)
-    assert recorder.named("finish") == [(summary,)]
+    assert recorder.named("finish") == [{"event": "finish", **summary}]
     assert json.loads((out / "info" / "summary.json").read_text()) == summary
     assert json.loads((out / "info" / "ui_state.json").read_text()) == UI_STATE
 
@@ -210,24 +182,19 @@ def test_ddp_run_is_followed_like_an_in_process_run(ddp_run):
 def test_resume_and_stop_under_torchrun(ddp_run, tmp_path):
     run = tmp_path / "resumed"
     shutil.copytree(ddp_run[0], run)
-    before = _metrics(run)
-    recorder = Recorder(stop_at_epoch=EPOCHS + 2)
+    before = metrics_of(run)
+    recorder = RecordingReporter(stop_at_epoch=EPOCHS + 2)
     summary = run_torchrun(["--resume", str(run), "--epochs", str(EPOCHS + 3), "--reporter", "none"], [0, 1],
                            recorder, env=ONE_THREAD)
     # Both ranks stopped at the same step (else rank 0 would wait --dist-timeout and fail).
     assert summary["status"] == "stopped" and summary["last_epoch"] == EPOCHS + 2
-    after = _metrics(run)
+    after = metrics_of(run)
     assert after[:EPOCHS] == before and [r["epoch"] for r in after] == list(range(1, EPOCHS + 2))
-    assert recorder.named("start")[0][0]["start_epoch"] == EPOCHS + 1
+    assert recorder.named("start")[0]["start_epoch"] == EPOCHS + 1
     assert (run / "checkpoints" / f"model_{EPOCHS + 2:03d}_last.pth").is_file()
 
 
 # ---- failures ---------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("fault", ["killed", "frozen"])
@@ -235,7 +202,7 @@ def test_a_dead_rank_stops_the_others_with_an_error(tiny_project, tmp_path, faul
     """Ranks started by hand, as on two machines (torchrun would also kill the survivors on one machine):
     rank 1 dies (SIGKILL) or hangs (SIGSTOP) mid-training; rank 0 must fail with a clear error within
     --dist-timeout instead of waiting forever."""
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "custom_net", "--project-dir", str(tiny_project), *ARGS, "--batch-size", "1",
             "--epochs", "50", "--metrics-period", "1", "--dist-timeout", "10", "--reporter", "jsonl",
             "--output", str(tmp_path / "run")]

@@ -23,7 +23,7 @@ from custom_net.model import build_model
 from custom_net.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from custom_net.train import main
 from custom_net.validation import BoundaryIoU, ConfusionMatrix, edge_band
-from tests.conftest import REPO, TINY_TRAIN_ARGS, shared_path
+from tests.helpers import REPO, TINY_TRAIN_ARGS, shared_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ["__bg__", "a", "b"]

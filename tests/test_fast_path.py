@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from tests.conftest import TINY_TRAIN_ARGS, MessageReporter as Messages
 from custom_net import sly_seg_dataset as data
 from custom_net.inference import predict_probabilities, prepare_fast_model
 from custom_net.model import build_model, fold_batchnorm, model_list
@@ -27,6 +26,7 @@ from custom_net.epoch import forward_batch, NonFiniteLoss, train_one_epoch
 from custom_net.hardware import resolve_num_workers
 from custom_net.optim import SCHEDULE_OPTIONS, build_optimizer, build_scheduler, parameter_groups, set_bn_momentum
 from custom_net.validation import ConfusionMatrix, collapsed_class
+from tests.helpers import TINY_TRAIN_ARGS, RecordingReporter as Messages
 
 REPO = Path(__file__).resolve().parent.parent
 

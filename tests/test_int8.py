@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_serve_export import make_run
 from custom_net import quantize
 from custom_net.inference import load_trained_model, predict_masks
 from custom_net.model import model_list
 from custom_net.preprocessing import normalize_batch
 from custom_net.quantize import QuantizationError, load_calibration_images, quantize_int8
+from tests.helpers import make_run
 
 
 def _images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:

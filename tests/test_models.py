@@ -8,9 +8,8 @@ import torch
 import torchvision
 
 from custom_net.pretrained import EncoderWeightsMissing
-from custom_net.model import (EvenOutputConvTranspose2d, UnknownModelError, build_model,
-                              fold_batchnorm, model_list)
-from tests.conftest import shared_path
+from custom_net.model import EvenOutputConvTranspose2d, UnknownModelError, build_model, fold_batchnorm, model_list
+from tests.helpers import shared_path
 
 ARCHITECTURES = sorted(model_list)
 

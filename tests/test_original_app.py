@@ -30,7 +30,7 @@ from custom_net.custom_weights import load_custom_weights
 from custom_net.model import build_model, model_list
 from custom_net.config import ArgsError, build_parser, parse_config
 from custom_net.train import main
-from tests.conftest import REPO, MessageReporter as Messages, run_cli
+from tests.helpers import REPO, RecordingReporter as Messages, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:imgaug.*", "ignore::DeprecationWarning:imageio.*",
                                         "ignore:--gpu-id cuda.0. no CUDA device:UserWarning")

@@ -19,8 +19,7 @@ from PIL import Image
 from custom_net import sly_seg_dataset as data
 from custom_net.reporting import Reporter
 from custom_net.train import main
-from tests.conftest import TINY_TRAIN_ARGS
-from tests.test_bad_input import fails
+from tests.helpers import TINY_TRAIN_ARGS, fails
 
 CLASSES = ["__bg__", "disk", "triangle", "box"]
 HEIGHT, WIDTH = 48, 64  # the tiny project's image size: no resizing, so pixels compare exactly

@@ -7,7 +7,6 @@ processes, so SIGKILL gives no chance to clean up.
 """
 from __future__ import annotations
 
-import ast
 import json
 import multiprocessing
 import os
@@ -17,22 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from custom_net.reporting import Reporter
 from custom_net.train import cli, main
-from tests.conftest import TINY_TRAIN_ARGS
-from tests.test_train_e2e import _assert_same_weights, _checkpoints, _metrics
+from tests.helpers import TINY_TRAIN_ARGS, assert_every_file_loads, assert_same_weights, checkpoints_of, metrics_of
 
 EPOCHS = 3
 # 10 training items, batch 4: 3 iterations per epoch. Augmentations on, so their seeding is checked too.
 ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--no-eval", "--epochs", str(EPOCHS),
         "--amp", "off", "--metrics-period", "1", "--checkpoint-interval", "1", "--max-keep-ckpts", "2",
         "--sly-augs-path", "seg_simple_rotate_crop_flipLR_flipUD"]
-PNG_END = b"IEND\xaeB`\x82"  # the closing chunk of every PNG
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:imgaug.*", "ignore::DeprecationWarning:imageio.*")
 
 
@@ -106,42 +101,12 @@ def _saving(run: Path) -> list[Path]:
     return list((run / "checkpoints").glob(".*.tmp"))
 
 
-def assert_every_file_loads(run: Path) -> None:
-    """Every file under its final name is whole: checkpoints load, JSON parses, PNGs decode."""
-    reference_keys = None
-    for path in sorted(p for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        name = path.name
-        if name.endswith(".pth"):  # a plain state dict, as the Serve app loads it
-            state = torch.load(path, weights_only=True)
-            shapes = {k: tuple(v.shape) for k, v in state.items()}
-            assert reference_keys in (None, shapes), f"{path}: another architecture"
-            reference_keys = shapes
-        elif name.endswith(".pt"):
-            state = torch.load(path, weights_only=False)
-            assert {"model", "optimizer", "epoch", "history"} <= state.keys(), path
-        elif name.endswith(".jsonl"):
-            [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        elif name.endswith(".json"):
-            json.loads(path.read_text(encoding="utf-8"))
-        elif name.endswith(".png"):
-            assert path.read_bytes().endswith(PNG_END), f"{path}: truncated"  # decoders forgive a missing end
-            with Image.open(path) as image:
-                image.load()  # raises when pixel data is cut short
-        elif name.endswith(".py"):
-            ast.parse(path.read_text(encoding="utf-8"))
-        elif name.endswith(".npz"):
-            with np.load(path) as saved:  # the int8 runtime's calibration images
-                assert saved["images"].dtype == np.uint8, path
-        else:
-            raise AssertionError(f"unexpected file {path}")
-
-
 def _assert_equals_reference(run: Path, reference: Path) -> None:
-    assert _metrics(run) == _metrics(reference)  # each epoch once, bitwise-equal values
-    a, b = _checkpoints(run), _checkpoints(reference)
+    assert metrics_of(run) == metrics_of(reference)  # each epoch once, bitwise-equal values
+    a, b = checkpoints_of(run), checkpoints_of(reference)
     assert a.keys() == b.keys()
     for name in a:
-        _assert_same_weights(a[name], b[name])
+        assert_same_weights(a[name], b[name])
     assert json.loads((run / "info" / "summary.json").read_text())["status"] == "finished"
     assert not _temp_files(run)
 
@@ -209,7 +174,7 @@ def test_sigterm_mid_epoch_stops_cleanly_then_resume_equals_uninterrupted(traine
     assert any(not torch.equal(t, epoch_1[k]) for k, t in torch.load(last).items())  # trained on in epoch 2
     assert not _temp_files(out)
     assert_every_file_loads(out)
-    assert [r["epoch"] for r in _metrics(out)] == [1]
+    assert [r["epoch"] for r in metrics_of(out)] == [1]
 
     assert main(["--resume", str(out)], reporter=Reporter())["status"] == "finished"
     _assert_equals_reference(out, reference)  # the partial epoch 2 is redone from epoch 1's state

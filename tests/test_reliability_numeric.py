@@ -11,7 +11,7 @@ import torch
 
 import custom_net.trainer as train_module
 from custom_net.train import cli
-from tests.conftest import TINY_TRAIN_ARGS
+from tests.helpers import TINY_TRAIN_ARGS
 
 ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--no-eval", "--epochs", "2",
         "--amp", "off", "--optimizer", "SGD", "--checkpoint-interval", "1", "--max-keep-ckpts", "-1"]

@@ -16,9 +16,9 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import REPO
 from tests.dashboard_harness import DashboardServer
 from tests.sly_loopback import LoopbackPlatform
+from tests.helpers import REPO
 
 SDK_RETRIES = 2
 DOWNLOAD_ATTEMPTS = 3  # train_app.platform_io.DOWNLOAD_ATTEMPTS

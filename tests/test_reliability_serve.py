@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
+from tests.helpers import make_run, png_declaring, Server
 
-from tests.test_serve_export import make_run, png_declaring
-from tests.test_serve_http import Server
 
 UPLOAD_ROUTES = ("inference_image", "inference_batch", "inference_batch_async")
 REQUEST_ROUTES = ("get_inference_progress", "pop_inference_results", "get_inference_result", "stop_inference",

@@ -17,8 +17,7 @@ from custom_net import sly_seg_dataset as data
 from custom_net.reporting import Reporter
 from custom_net.train import cli, main
 from custom_net.storage import StorageError
-from tests.conftest import TINY_TRAIN_ARGS
-from tests.test_reliability_kill import assert_every_file_loads
+from tests.helpers import TINY_TRAIN_ARGS, assert_every_file_loads
 
 ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--no-eval", "--epochs", "2",
         "--amp", "off", "--optimizer", "SGD", "--checkpoint-interval", "1", "--max-keep-ckpts", "1"]

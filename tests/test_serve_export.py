@@ -6,10 +6,8 @@ Models here are fixed-seed (untrained) networks in a run folder laid out as trai
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import cv2
@@ -18,49 +16,12 @@ import pytest
 import supervisely as sly
 import torch
 
-from tests.conftest import REPO, shared_path
 from custom_net.export import OnnxRuntimeModel, export_onnx
 from custom_net.inference import StageTimes, load_trained_model
 from custom_net.run_folder import resolve_checkpoint
-from custom_net.model import build_model
 from custom_net.predict import load_predictor, main as predict_main
 from custom_net.preprocessing import ImageReadError, decode_image_rgb, normalize_batch, read_image_rgb, resize_image
-
-CLASSES = [("__bg__", sly.Bitmap, [0, 0, 0]), ("lemon", sly.Polygon, [255, 200, 0]), ("kiwi", sly.Bitmap, [40, 160, 40])]
-
-
-def make_run(root: Path, model_name: str = "UNet", height: int = 64, width: int = 64, seed: int = 0,
-             epoch: int = 1) -> Path:
-    """A run folder (checkpoints/model_NNN_best.pth + info/*.json) holding a fixed-seed model."""
-    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (root / "info").mkdir(exist_ok=True)
-    classes = [sly.ObjClass(name, shape, color).to_json() for name, shape, color in CLASSES]
-    (root / "info" / "model_classes.json").write_text(json.dumps(classes))
-    ui_state = {"selectedModel": model_name, "imgSize": {"width": width, "height": height}}
-    (root / "info" / "ui_state.json").write_text(json.dumps(ui_state))
-    torch.manual_seed(seed)
-    model = build_model(model_name, len(CLASSES), "none")
-    _balance_classes(model, height, width)
-    checkpoint = root / "checkpoints" / f"model_{epoch:03d}_best.pth"
-    torch.save(model.state_dict(), checkpoint)
-    return checkpoint
-
-
-@torch.no_grad()
-def _balance_classes(model: torch.nn.Module, height: int, width: int) -> None:
-    """Shift the head's biases so that every class wins somewhere: an untrained network otherwise
-    predicts one class everywhere, and tests could not tell a right mask from a wrong one."""
-    head = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == len(CLASSES)][-1]
-    model.eval()
-    sample = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0)) * 4 - 2
-    logits = model(sample)
-    head.bias -= logits.mean(dim=(0, 2, 3))
-    head.weight *= 4  # wider margins between classes: fewer near-ties for bf16 to flip
-    head.bias *= 4
-
-
-def lemons_images() -> list[Path]:
-    return sorted(shared_path("data", "lemons_test").rglob("*.jpeg"))
+from tests.helpers import CLASSES, REPO, lemons_images, make_run, png_declaring
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +68,6 @@ def test_onnx_runtime_agrees_with_pytorch_on_lemons(onnx_run):
     assert (got - expected).abs().max().item() < 1e-4 * scale  # speed: bench/serve_bench.py
 
 
-
 def test_predictors_on_both_runtimes_give_the_same_masks(onnx_run, tmp_path):
     image = read_image_rgb(lemons_images()[0])
     onnx = load_predictor(onnx_run, "cpu", "onnx", onnx_path=tmp_path / "m.onnx")
@@ -139,14 +99,6 @@ def test_resolve_checkpoint_prefers_best_then_last(tmp_path):
     assert resolve_checkpoint(run).name == "model_015_last.pth"
     with pytest.raises(FileNotFoundError, match="no checkpoints/model_"):
         resolve_checkpoint(tmp_path)
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A well-formed PNG header and one tiny IDAT for an image of absurd declared size."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_decode_refuses_absurd_sizes_truncated_and_empty_files():

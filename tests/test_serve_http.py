@@ -6,13 +6,8 @@ fast path), so a wrong resize, class order or mask placement in the service show
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,74 +18,9 @@ import pytest
 import requests
 import supervisely as sly
 
-from tests.conftest import REPO, TINY_TRAIN_ARGS
-from tests.test_serve_export import CLASSES, lemons_images, make_run, png_declaring
 from custom_net.predict import load_predictor
 from custom_net.preprocessing import read_image_rgb
-
-STARTUP_TIMEOUT_S = 180
-PLATFORM_VARIABLES = {"SERVER_ADDRESS", "API_TOKEN", "TEAM_ID", "TASK_ID", "ENV", "UNET_CHECKPOINT",
-                      "modal.state.slyFile", "modal.state.device", "modal.state.runtime"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """The app as deployed: locally on ``run``, or on the platform as described by ``platform_env``."""
-
-    def __init__(self, run: Path | None, workdir: Path, platform_env: dict | None = None):
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log = workdir / "server.log"
-        env = {k: v for k, v in os.environ.items() if k not in PLATFORM_VARIABLES}
-        env.update({"UNET_MODEL_DIR": str(workdir / "models"), "UNET_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
-        env.update(platform_env or {"UNET_CHECKPOINT": str(run)})
-        for _ in range(3):  # another process may take the free port between the check and uvicorn's bind
-            self.port = _free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
-            with open(self.log, "w") as log:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", str(REPO / "supervisely" / "serve" / "src"),
-                     "--host", "127.0.0.1", "--port", str(self.port)],
-                    cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-            if self._wait_until_deployed():
-                return
-            if "address already in use" not in self.log.read_text().lower():
-                break
-        self.stop()
-        pytest.fail(f"the server did not start:\n{self.log.read_text()[-4000:]}")
-
-    def _wait_until_deployed(self) -> bool:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                if requests.post(f"{self.url}/is_deployed", timeout=5).json().get("deployed"):
-                    return True
-            except (requests.ConnectionError, requests.Timeout, ValueError):
-                pass
-            time.sleep(0.5)
-        return False
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def post(self, route: str, **kwargs) -> requests.Response:
-        return requests.post(f"{self.url}/{route}", timeout=120, **kwargs)
-
-    def infer(self, data: bytes, name: str = "image.png", settings: dict | None = None) -> requests.Response:
-        form = {"settings": json.dumps({"settings": settings or {}})}
-        return self.post("inference_image", files={"files": (name, data)}, data=form)
+from tests.helpers import CLASSES, TINY_TRAIN_ARGS, assert_agrees, lemons_images, make_run, mask_of, png_declaring, Server
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +47,6 @@ def meta(server) -> sly.ProjectMeta:
     return sly.ProjectMeta.from_json(server.post("get_output_classes_and_tags").json())
 
 
-def _mask_of(ann_json: dict, meta: sly.ProjectMeta) -> np.ndarray:
-    """The class-index mask an annotation describes (labels painted onto __bg__)."""
-    ann = sly.Annotation.from_json(ann_json, meta)
-    mask = np.zeros(ann.img_size, np.uint8)
-    for label in ann.labels:
-        assert label.obj_class.name != "__bg__"
-        label.geometry.draw(mask, meta.obj_classes.keys().index(label.obj_class.name))
-    return mask
-
-
 def _png(image: np.ndarray) -> bytes:
     return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
 
@@ -135,11 +55,6 @@ def _synthetic(height: int, width: int, seed: int) -> np.ndarray:
     """Smooth blobs rather than noise: a model's output then has regions, not salt and pepper."""
     small = np.random.default_rng(seed).integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), np.uint8)
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
-
-
-def _assert_agrees(got: np.ndarray, expected: np.ndarray) -> None:
-    assert got.shape == expected.shape
-    assert (got == expected).mean() >= 0.999  # bf16 kernels may split a near-tie differently between processes
 
 
 def test_session_info_and_classes(server, run):
@@ -167,7 +82,7 @@ def test_every_lemons_image_is_predicted_at_its_size(server, meta, predictor):
             origin_x, origin_y = obj["bitmap"]["origin"]
             bitmap = sly.Bitmap.base64_2_data(obj["bitmap"]["data"])
             assert origin_y + bitmap.shape[0] <= image.shape[0] and origin_x + bitmap.shape[1] <= image.shape[1]
-        _assert_agrees(_mask_of(ann, meta), predictor.masks([image])[0])
+        assert_agrees(mask_of(ann, meta), predictor.masks([image])[0])
 
 
 def test_batch_route_answers_each_image_like_the_single_route(server, meta):
@@ -180,7 +95,7 @@ def test_batch_route_answers_each_image_like_the_single_route(server, meta):
     for image, result in zip(images, results):
         single = server.infer(_png(image)).json()["annotation"]
         assert result["annotation"]["size"] == {"height": image.shape[0], "width": image.shape[1]}
-        _assert_agrees(_mask_of(result["annotation"], meta), _mask_of(single, meta))
+        assert_agrees(mask_of(result["annotation"], meta), mask_of(single, meta))
 
 
 def test_sliding_window_on_a_large_image(server, meta, predictor):
@@ -188,10 +103,10 @@ def test_sliding_window_on_a_large_image(server, meta, predictor):
     settings = {"mode": "sliding", "overlap": 0.3, "tile_batch_size": 16}
     response = server.infer(_png(image), settings=settings)
     assert response.status_code == 200, response.text
-    sliding = _mask_of(response.json()["annotation"], meta)
+    sliding = mask_of(response.json()["annotation"], meta)
     assert sliding.shape == image.shape[:2]
-    _assert_agrees(sliding, predictor.masks([image], "sliding", overlap=0.3)[0])
-    whole = _mask_of(server.infer(_png(image)).json()["annotation"], meta)
+    assert_agrees(sliding, predictor.masks([image], "sliding", overlap=0.3)[0])
+    whole = mask_of(server.infer(_png(image)).json()["annotation"], meta)
     assert (whole != sliding).any()  # the setting reached the model: a different computation
 
 
@@ -236,7 +151,7 @@ def test_two_files_for_the_single_image_route(server):
 def test_eight_concurrent_clients(server, meta):
     images = [_synthetic(60 + 20 * i, 90 + 10 * i, 10 + i) for i in range(8)]
     payloads = [_png(image) for image in images]
-    expected = [_mask_of(server.infer(p).json()["annotation"], meta) for p in payloads]
+    expected = [mask_of(server.infer(p).json()["annotation"], meta) for p in payloads]
 
     def client(number: int) -> list[tuple[int, int, np.ndarray]]:
         answers = []
@@ -246,14 +161,14 @@ def test_eight_concurrent_clients(server, meta):
                 response = session.post(f"{server.url}/inference_image", timeout=120,
                                         files={"files": (f"{which}.png", payloads[which])})
                 assert response.status_code == 200, response.text
-                answers.append((which, _mask_of(response.json()["annotation"], meta)))
+                answers.append((which, mask_of(response.json()["annotation"], meta)))
         return answers
 
     with ThreadPoolExecutor(8) as pool:
         answers = [a for client_answers in pool.map(client, range(8)) for a in client_answers]
     assert len(answers) == 80
     for which, mask in answers:
-        _assert_agrees(mask, expected[which])
+        assert_agrees(mask, expected[which])
 
 
 def test_only_the_requested_classes_are_answered(server, meta):
@@ -345,7 +260,7 @@ def test_int8_runtime_on_the_platform_with_the_runs_calibration_images(tiny_proj
         local = load_predictor(run, "cpu", "int8")  # the same quantization in this process
         for image_path in sorted((tiny_project / "ds_a" / "img").iterdir())[:3]:
             image = read_image_rgb(image_path)
-            got = _mask_of(server.infer(image_path.read_bytes(), image_path.name).json()["annotation"], meta)
+            got = mask_of(server.infer(image_path.read_bytes(), image_path.name).json()["annotation"], meta)
             np.testing.assert_array_equal(got, local.masks([image])[0])
     finally:
         server.stop()

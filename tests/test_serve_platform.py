@@ -16,7 +16,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-import requests
 import supervisely as sly
 from hypothesis import HealthCheck, given, settings, strategies as st
 from supervisely.annotation.label import LabelingStatus
@@ -24,10 +23,22 @@ from supervisely.nn.model.model_api import ModelAPI
 
 from custom_net.preprocessing import decode_image_rgb
 from tests.sly_loopback import LoopbackPlatform
-from tests.test_serve_http import Server, _assert_agrees, _mask_of
-from tests.test_serve_http import predictor, run  # noqa: F401  (fixtures: the served run, the engine on it)
+from custom_net.predict import load_predictor
+from tests.helpers import assert_agrees, make_run, mask_of, Server
 
 REMOTE_RUN = "/unet/3_tiny/"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_platform") / "run"
+    make_run(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def predictor(run):
+    return load_predictor(run, "cpu")  # what the server loads: best checkpoint, default fast path
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +120,11 @@ def test_the_sdk_session_client_predicts_platform_images_and_projects_like_the_e
     for image_id, ann in [(ids[0], one), *zip(ids, many)]:
         size = platform.images[image_id]["size"]
         assert ann.img_size == (size["height"], size["width"])
-        _assert_agrees(_mask_of(ann.to_json(), session.get_model_meta()), _expected_mask(platform, predictor, image_id))
+        assert_agrees(mask_of(ann.to_json(), session.get_model_meta()), _expected_mask(platform, predictor, image_id))
     project = list(session.inference_project_id_async(platform.project_id))  # what "Apply NN" to a project asks
     assert sorted(result.image_id for result in project) == ids
     for result in project:
-        _assert_agrees(_mask_of(result.annotation, session.get_model_meta()),
+        assert_agrees(mask_of(result.annotation, session.get_model_meta()),
                        _expected_mask(platform, predictor, result.image_id))
     downloads = [c for c in platform.calls if c.method == "images.download"]
     assert {c.body["id"] for c in downloads} == set(ids)
@@ -134,14 +145,14 @@ def test_the_sdks_model_api_predicts_by_id_dataset_project_and_file(server, plat
     for expected_ids, predictions in cases:
         assert sorted(p.image_id for p in predictions) == expected_ids
         for prediction in predictions:
-            _assert_agrees(_mask_of(prediction.annotation.to_json(), model_meta),
+            assert_agrees(mask_of(prediction.annotation.to_json(), model_meta),
                            _expected_mask(platform, predictor, prediction.image_id))
     path = tmp_path / platform.images[ids[0]]["name"]
     path.write_bytes(platform.images[ids[0]]["bytes"])
     kept = model_meta.obj_classes.keys()[1]
     [prediction] = model.predict(input=str(path), classes=[kept])  # uploaded by the client
     expected = _expected_mask(platform, predictor, ids[0])
-    _assert_agrees(_mask_of(prediction.annotation.to_json(), model_meta), np.where(expected == 1, expected, 0))
+    assert_agrees(mask_of(prediction.annotation.to_json(), model_meta), np.where(expected == 1, expected, 0))
     assert {label.obj_class.name for label in prediction.annotation.labels} <= {kept}
     # What the client adds for a video (frame range, stride) reaches the settings too.
     video_arguments = {"start_frame": 0, "start_frame_index": 0, "num_frames": 5, "frames_count": 5, "end_frame": 4,
@@ -167,10 +178,10 @@ def test_a_rectangle_crops_the_platform_image_and_the_answer_keeps_its_size(serv
     response = server.post("inference_image_id", json={"state": {"image_id": image_id,
                                                                   "rectangle": _rectangle(8, 4, 40, 30)}})
     assert response.status_code == 200, response.text[:300]
-    mask = _mask_of(response.json()["annotation"], meta)
+    mask = mask_of(response.json()["annotation"], meta)
     assert mask.shape == image.shape[:2]
     assert not mask[:4].any() and not mask[31:].any() and not mask[:, :8].any() and not mask[:, 41:].any()
-    _assert_agrees(mask[4:31, 8:41], predictor.masks([image[4:31, 8:41]])[0])
+    assert_agrees(mask[4:31, 8:41], predictor.masks([image[4:31, 8:41]])[0])
 
 
 BAD_ID_STATES = [  # state, status, what the message must say
@@ -225,7 +236,7 @@ def test_image_url_route(server, web, tiny_project, meta, predictor):
     path = sorted((tiny_project / "ds_a" / "img").iterdir())[0]
     response = server.post("inference_image_url", json={"state": {"image_url": f"{web}/ds_a/img/{path.name}"}})
     assert response.status_code == 200, response.text[:300]
-    _assert_agrees(_mask_of(response.json()["annotation"], meta),
+    assert_agrees(mask_of(response.json()["annotation"], meta),
                    predictor.masks([decode_image_rgb(path.read_bytes())])[0])
     for state, message in [({"image_url": f"{web}/ds_a/img/missing.png"}, "cannot download (404"),
                            ({"image_url": f"{web}/meta.json"}, "meta.json: not a readable image"),
@@ -243,7 +254,7 @@ def test_async_upload_route_decodes_and_checks_before_scheduling(server, tiny_pr
     _finish(server, uuid, timeout_s=60)
     results = server.post("pop_inference_results", json={"state": {"inference_request_uuid": uuid}}).json()
     [result] = results["pending_results"]
-    _assert_agrees(_mask_of(result["annotation"], meta), predictor.masks([decode_image_rgb(path.read_bytes())])[0])
+    assert_agrees(mask_of(result["annotation"], meta), predictor.masks([decode_image_rgb(path.read_bytes())])[0])
     for files, form, message in [([("files", ("junk.png", b"junk"))], {}, "junk.png: not a readable image"),
                                  ([("files", (path.name, path.read_bytes()))], {"settings": '{"mode": "x"}'},
                                   "unknown request key(s) 'mode'")]:
@@ -337,7 +348,7 @@ def test_predictions_go_into_another_project_when_asked(server, writable_platfor
         assert platform.images[copy_id]["bytes"] == source["bytes"]
         ann = sly.Annotation.from_json(platform.images[copy_id]["ann"], target_meta)
         assert all(label.status == LabelingStatus.AUTO for label in ann.labels)
-        _assert_agrees(_mask_of(ann.to_json(), model_meta), _expected_mask(platform, predictor, source_id))
+        assert_agrees(mask_of(ann.to_json(), model_meta), _expected_mask(platform, predictor, source_id))
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats() | st.text(max_size=8),

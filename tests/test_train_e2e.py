@@ -16,7 +16,7 @@ import supervisely as sly
 import torch
 from torch.utils.data import DataLoader
 
-from tests.conftest import TINY_TRAIN_ARGS, run_cli
+from tests.helpers import TINY_TRAIN_ARGS, assert_same_weights, checkpoints_of, metrics_of, run_cli
 from custom_net import augs, sly_seg_dataset as data
 from custom_net.inference import convert_prediction_to_sly_format, inference, load_trained_model, predict_image
 from custom_net.loss import build_loss
@@ -52,23 +52,9 @@ def run_dir(tiny_project, tmp_path_factory) -> Path:
     return out
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "info" / "metrics.jsonl").read_text().splitlines()]
-
-
-def _checkpoints(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {p.name: torch.load(p) for p in sorted((run / "checkpoints").glob("model_*.pth"))}
-
-
 def _last(run: Path) -> dict[str, torch.Tensor]:
     (path,) = (run / "checkpoints").glob("model_*_last.pth")
     return torch.load(path)
-
-
-def _assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensor(s) differ, e.g. {different[0]}"
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -112,19 +98,19 @@ def test_artifact_tree_is_exactly_the_contract(run_dir):
 
 
 def test_every_model_checkpoint_loads_strictly_with_plain_torch_load(run_dir):
-    checkpoints = _checkpoints(run_dir)
+    checkpoints = checkpoints_of(run_dir)
     assert len(checkpoints) == 4
     for name, state in checkpoints.items():
         model = build_model("UNet", len(CLASSES), "none")
         model.load_state_dict(state, strict=True)  # what the Serve app does
         assert all(isinstance(v, torch.Tensor) for v in state.values()), name
     # The interval checkpoint and the last checkpoint of epoch 4 hold the same weights.
-    _assert_same_weights(checkpoints["model_004.pth"], checkpoints["model_004_last.pth"])
+    assert_same_weights(checkpoints["model_004.pth"], checkpoints["model_004_last.pth"])
     assert not _same(checkpoints["model_003.pth"], checkpoints["model_004.pth"])
     resume = run_dir / "checkpoints" / "resume_state.pt"
     state = torch.load(resume, weights_only=False)
     assert state["epoch"] == EPOCHS and {"model", "optimizer", "scheduler", "history"} <= state.keys()
-    _assert_same_weights(state["model"], checkpoints["model_004_last.pth"])
+    assert_same_weights(state["model"], checkpoints["model_004_last.pth"])
 
 
 def test_info_files(run_dir, tiny_project):
@@ -225,7 +211,7 @@ def test_int8_runtime_without_calibration_images_says_which_file(run_dir, tmp_pa
 
 
 def test_metrics_log_and_summary(run_dir):
-    records = _metrics(run_dir)
+    records = metrics_of(run_dir)
     assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
     for r in records:
         assert {"train_loss", "lr", "val_loss", "mean_fg_iou", "pixel_accuracy"} <= r.keys()
@@ -243,7 +229,7 @@ def test_metrics_log_and_summary(run_dir):
 # ---- 2. it learns -----------------------------------------------------------------------
 
 def test_training_loss_falls(run_dir):
-    records = _metrics(run_dir)
+    records = metrics_of(run_dir)
     assert records[-1]["train_loss"] < 0.85 * records[0]["train_loss"], [r["train_loss"] for r in records]
 
 
@@ -270,7 +256,7 @@ def _evaluate_checkpoint(run: Path, project_dir: Path, checkpoint: Path) -> dict
 def test_checkpoint_reproduces_logged_metrics(run_dir, tiny_project, which):
     (checkpoint,) = (run_dir / "checkpoints").glob(f"model_*_{which}.pth")
     epoch = int(checkpoint.name.split("_")[1])
-    logged = _metrics(run_dir)[epoch - 1]
+    logged = metrics_of(run_dir)[epoch - 1]
     got = _evaluate_checkpoint(run_dir, tiny_project, checkpoint)
     assert got["pixel_accuracy"] == pytest.approx(logged["pixel_accuracy"], abs=1e-6)
     assert got["mean_fg_iou"] == pytest.approx(logged["mean_fg_iou"], abs=1e-6)
@@ -282,14 +268,14 @@ def test_checkpoint_reproduces_logged_metrics(run_dir, tiny_project, which):
 def test_train_args_json_repeats_the_run_bitwise(run_dir, tmp_path):
     summary = main(_args_from(run_dir, "--output", str(tmp_path / "rerun")), reporter=Reporter())
     assert summary["status"] == "finished"
-    _assert_same_weights(_last(tmp_path / "rerun"), _last(run_dir))
-    assert _metrics(tmp_path / "rerun") == _metrics(run_dir)
+    assert_same_weights(_last(tmp_path / "rerun"), _last(run_dir))
+    assert metrics_of(tmp_path / "rerun") == metrics_of(run_dir)
 
 
 def test_worker_processes_do_not_change_the_result(run_dir, tmp_path):
     # run_dir used --num-workers 0; the sampler puts the epoch in the index and augs are seeded per sample.
     main(_args_from(run_dir, "--num-workers", "2", "--output", str(tmp_path / "workers")), reporter=Reporter())
-    _assert_same_weights(_last(tmp_path / "workers"), _last(run_dir))
+    assert_same_weights(_last(tmp_path / "workers"), _last(run_dir))
 
 
 # ---- 5. resume --------------------------------------------------------------------------
@@ -321,11 +307,11 @@ class CrashInPreviews(Reporter):
 
 
 def _assert_resumed_run_equals(resumed: Path, reference: Path) -> None:
-    assert _metrics(resumed) == _metrics(reference)  # epochs 1..4 once each, same values
-    a, b = _checkpoints(resumed), _checkpoints(reference)
+    assert metrics_of(resumed) == metrics_of(reference)  # epochs 1..4 once each, same values
+    a, b = checkpoints_of(resumed), checkpoints_of(reference)
     assert a.keys() == b.keys()
     for name in a:
-        _assert_same_weights(a[name], b[name])
+        assert_same_weights(a[name], b[name])
     summary = json.loads((resumed / "info" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["last_epoch"] == EPOCHS
     assert summary["best"]["epoch"] == _best_epoch(reference)
@@ -336,15 +322,15 @@ def test_stop_and_crash_then_resume_equal_the_uninterrupted_run(run_dir, tmp_pat
     # 1) A stop asked for during epoch 2's end-of-epoch work ends the run there, without starting epoch 3.
     summary = main(_args_from(run_dir, "--output", str(out)), reporter=StopAfterEpoch(2))
     assert summary["status"] == "stopped" and summary["last_epoch"] == 2
-    assert [r["epoch"] for r in _metrics(out)] == [1, 2]
+    assert [r["epoch"] for r in metrics_of(out)] == [1, 2]
     state = torch.load(out / "checkpoints" / "resume_state.pt", weights_only=False)
     assert state["epoch"] == 2
-    _assert_same_weights(torch.load(out / "checkpoints" / "model_002_last.pth"), state["model"])
+    assert_same_weights(torch.load(out / "checkpoints" / "model_002_last.pth"), state["model"])
 
     # 2) The resumed run dies after logging epoch 3 but before saving epoch 3's resume state.
     with pytest.raises(SimulatedCrash):
         main(["--resume", str(out)], reporter=CrashInPreviews(3))
-    assert [r["epoch"] for r in _metrics(out)] == [1, 2, 3]
+    assert [r["epoch"] for r in metrics_of(out)] == [1, 2, 3]
     assert torch.load(out / "checkpoints" / "resume_state.pt", weights_only=False)["epoch"] == 2
 
     # 3) Resuming again redoes epoch 3 and finishes: the same log (each epoch once) and weights as run_dir.
@@ -408,7 +394,7 @@ def test_non_finite_loss_raises_and_keeps_checkpoints(tiny_project, tmp_path, mo
     assert {"model_001.pth", "model_001_best.pth", "resume_state.pt", "train_args.json"} <= names
     assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")]
     build_model("UNet", len(CLASSES), "none").load_state_dict(torch.load(out / "checkpoints" / "model_001.pth"))
-    assert [r["epoch"] for r in _metrics(out)] == [1]
+    assert [r["epoch"] for r in metrics_of(out)] == [1]
     summary = json.loads((out / "info" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["last_epoch"] == 2
 

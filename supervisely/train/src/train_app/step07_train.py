@@ -16,6 +16,7 @@ from supervisely.app.widgets import Button, Container, Field, Flexbox, GridGalle
 
 from custom_net import sly_seg_dataset as data
 from custom_net.config import ArgsError, parse_config
+from custom_net.reporting import replay
 from custom_net.run_folder import RunFolder
 from custom_net.trainer import ui_state_from_config
 from custom_net.distributed import DistributedRunError, torchrun_command
@@ -23,7 +24,7 @@ from custom_net.sly_integration import (DashboardReporter, Launch, describe_eval
                                         start_training)
 from train_app import platform_io
 from train_app.progress import counting
-from train_app.images import data_url
+from train_app.run_view import RunView
 from train_app.wizard import USER_ERRORS, Step
 
 logger = logging.getLogger("train_dashboard")
@@ -80,7 +81,7 @@ class TrainStep(Step):
         self.location.hide()
         self.action(self.train)(self._start)
         self.action(self.stop, requires_open=False)(self._stop)
-        self.preview_epoch.value_changed(self._show_previews)
+        self.preview_epoch.value_changed(self.show_previews)
         return [Flexbox([self.train, self.stop, self.phase]), self.command, self.epochs, self.iterations,
                 Flexbox([self.lr_plot, self.loss_plot, self.metrics_plot]),
                 Field(Container([self.preview_epoch, self.gallery]), "Predictions over time",
@@ -141,11 +142,12 @@ class TrainStep(Step):
 
     # ---- following the run
     def _follow(self, run: Run):
+        view = RunView(self, run)
         try:
             while True:
                 alive = run.worker.is_alive()
-                for name, payload in run.reporter.drain():
-                    getattr(self, f"_on_{name}")(run, **payload)
+                for event in run.reporter.drain():
+                    replay(event, view)
                 if not alive:
                     break
                 run.worker.join(POLL_SECONDS)
@@ -166,51 +168,7 @@ class TrainStep(Step):
                 bar.close()
         run.iter_bar = run.epoch_bar = None
 
-    def _on_start(self, run, epochs, start_epoch, iters_per_epoch, **info):
-        run.iters_per_epoch = iters_per_epoch
-        run.epoch_bar = self.epochs(message="Epochs", total=epochs, initial=start_epoch - 1)
-        processes = f" x {info['world_size']} processes" if info.get("world_size", 1) > 1 else ""
-        self._log(run, f"Training {info['model']} on {info['device']}{processes} ({info['amp']}): {info['train_size']} train / "
-                       f"{info['val_size']} val images, output {info['output_dir']}")
-
-    def _on_epoch_start(self, run, epoch):
-        if run.iter_bar is not None:
-            run.iter_bar.close()
-        run.iter_bar = self.iterations(message=f"Epoch {epoch}: iterations", total=run.iters_per_epoch)
-
-    def _on_train_step(self, run, epoch, iteration, iterations, loss, lr):
-        run.iter_bar.update(iteration - run.iter_bar.n)
-        x = round(epoch - 1 + iteration / iterations, 4)
-        self.loss_plot.add_to_series("train", (x, loss))
-        self.lr_plot.add_to_series("lr", (x, lr))
-
-    def _on_val_progress(self, run, epoch, done, total):
-        pass  # validation is short next to an epoch; the iteration bar stays full meanwhile
-
-    def _on_epoch_end(self, run, epoch, **record):
-        run.epoch_bar.update(1)
-        if "val_loss" in record:
-            self.loss_plot.add_to_series("val", (epoch, record["val_loss"]))
-            self.metrics_plot.add_to_series("IoU", (epoch, record["mean_fg_iou"]))
-            self.metrics_plot.add_to_series("Dice", (epoch, record["mean_fg_dice"]))
-
-    def _on_previews(self, run, epoch, split, images):
-        run.previews.setdefault(epoch, {})[split] = [(name, data_url(panel)) for name, panel in images]
-        self.preview_epoch.set([Select.Item(e, f"epoch {e}") for e in sorted(run.previews)])
-        self.preview_epoch.set_value(epoch)
-        self._show_previews(epoch)
-
-    def _on_message(self, run, level, text):
-        self._log(run, f"[{level}] {text}")
-
-    def _on_finish(self, run, **summary):
-        run.summary = summary
-
-    def _log(self, run, line):
-        run.messages = (run.messages + [html.escape(line)])[-8:]  # the Text widget renders HTML
-        self.log.set("<br>".join(run.messages), status="text")
-
-    def _show_previews(self, epoch):
+    def show_previews(self, epoch):
         run = self.run
         if run is None or epoch not in run.previews:
             return
