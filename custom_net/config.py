@@ -128,8 +128,15 @@ def _fraction(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="custom_net/train.py", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="custom_net/train.py", description="Train a segmentation model on a Supervisely project.",
                 formatter_class=_HelpFormatter)
+    for add_options in (_input_options, _model_options, _training_options, _optimizer_options, _schedule_options,
+                        _checkpoint_options, _system_options, _original_app_options, _distributed_options):
+        add_options(p)
+    return p
+
+
+def _input_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("input")
     g.add_argument("--project-dir", help="Supervisely-format project folder")
     g.add_argument("--demo", action="store_true", help="build a synthetic demo project and train on it with CPU-sized defaults")
@@ -156,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-height", type=_size, default=256, help="model input height (multiple of 32)")
     g.add_argument("--input-width", type=_size, default=256, help="model input width (multiple of 32)")
 
+
+def _model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(model_list), default="UNet11", help="architecture")
     g.add_argument("--encoder-weights", default="auto",
@@ -172,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the classes of --custom-weights, in its head's order (default: model_classes.json in the "
                         "info/ folder beside the checkpoint's checkpoints/)")
 
+
+def _training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=20)
     g.add_argument("--batch-size", type=_positive_int, default=8,
@@ -185,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model: pays on long GPU runs; compiling costs minutes, and on a CPU it was slower")
 
+
+def _optimizer_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="Adam")
     g.add_argument("--lr", type=_positive_float, default=None,
@@ -198,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad-norm", type=_non_negative_float, default=1.0, metavar="MAX",
                    help="rescale gradients whose total norm exceeds MAX (0 = off)")
 
+
+def _schedule_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("learning-rate schedule")
     g.add_argument("--lr-schedule", type=_lr_schedule, choices=LR_SCHEDULES, default="cosine",
                    help="cosine = linear warmup then cosine decay, per iteration; '' = none")
@@ -212,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler-order", choices=("after", "before"), default="after",
                    help="epoch schedules: step after each epoch, or before it as the original app did")
 
+
+def _checkpoint_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--val-interval", type=_positive_int, default=1, help="validate every N epochs (and after the last)")
     g.add_argument("--best-metric", choices=BEST_METRICS, default="mean_fg_iou", help="chooses model_NNN_best.pth")
@@ -223,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after training, evaluate the best checkpoint on the validation set into <output>/eval/")
     g.add_argument("--speed-test", action=argparse.BooleanOptionalAction, default=True, help="include a speed test in the evaluation")
 
+
+def _system_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("system and output")
     g.add_argument("--output", default="results/run", help="artifact folder (a free name is chosen if it exists)")
     g.add_argument("--gpu-id", default="auto", help="'cpu', 'cuda:N', or 'auto' (first GPU if any)")
@@ -235,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="previews every N epochs (0 = about ten times per run; twenty with --preset original)")
     g.add_argument("--reporter", choices=("console", "jsonl", "none"), default="console", help="progress output of the CLI")
 
+
+def _original_app_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("the original app's flags", "accepted as its dashboard passed them (README: 'Coming from "
                              "the original app')")
     g.add_argument("--classes-path", metavar="JSON",
@@ -250,12 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report progress and metrics to the Supervisely task this runs in (TASK_ID, SERVER_ADDRESS, "
                         "API_TOKEN set) as the SDK's log events; they replace the console's progress bars there")
 
+
+def _distributed_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distributed (torchrun; see README 'Scaling out')")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
                    help="SyncBatchNorm: batch statistics over all GPUs (CUDA only)")
     g.add_argument("--dist-timeout", type=_positive_float, default=1800.0,
                    help="seconds a rank waits for the others before stopping with an error")
-    return p
 
 
 # Flags whose values describe where/how to run, not what is trained: left out of train_args.json checks.

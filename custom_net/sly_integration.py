@@ -225,7 +225,7 @@ def describe_evaluation(summary: dict, run_location: str) -> tuple[str, list[tup
     ``run_location`` is where the run folder is now (the Team Files folder after an upload, else the local
     folder): the report's path is given inside it. ``eval`` is missing when evaluation was off or the run
     did not finish, None when no checkpoint was saved, ``{"error": ...}`` when evaluating failed."""
-    from custom_net.evaluate import METRIC_LABELS  # late: evaluate imports torch
+    from custom_net.report import METRIC_LABELS  # late: the engine loads torch
 
     if "eval" not in summary:
         if summary.get("status") != "finished":

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from custom_net import distributed, train
-from custom_net.evaluate import HEADLINE_METRICS, METRIC_LABELS
+from custom_net.report import HEADLINE_METRICS, METRIC_LABELS
 from custom_net.reporting import Reporter
 from custom_net.sly_integration import (Launch, check_setting, describe_evaluation, list_devices, plan_launch,
                                         settings_to_argv, start_training)

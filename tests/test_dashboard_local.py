@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_net.evaluate import METRIC_LABELS
+from custom_net.report import METRIC_LABELS
 from custom_net.model import model_list
 from custom_net.config import build_parser, parse_config
 from tests.dashboard_harness import DashboardServer, PushListener
