@@ -37,56 +37,6 @@ class DashboardReporter(EventSink):
                 return events
 
 
-# ---- --sly: a run inside a Supervisely task ----------------------------------------------------
-
-class TaskLogReporter(Reporter):
-    """``train.py --sly`` in a platform task: epoch and iteration progress as the SDK's progress events,
-    and the metrics and messages as structured log lines (as the original app logged its metrics), which
-    the platform shows on the task's page. They are JSON lines on the SDK logger's stream (stderr)."""
-
-    def __init__(self):
-        super().__init__()
-        import supervisely as sly  # late: the dashboard imports this module before the SDK is needed
-
-        self._sly = sly
-        self._epochs = self._iters = None
-
-    def start(self, info: dict) -> None:
-        self._epochs = self._sly.Progress("Training: epochs", info["epochs"])  # reports 0 of N
-        if info["start_epoch"] > 1:  # resumed
-            self._epochs.set_current_value(info["start_epoch"] - 1)
-        self._iterations = info["iters_per_epoch"]
-
-    def epoch_start(self, epoch: int) -> None:
-        self._iters = self._sly.Progress(f"Epoch {epoch}: iterations", self._iterations)
-
-    def train_step(self, epoch, iteration, iterations, loss, lr) -> None:
-        self._iters.set_current_value(iteration)
-        self._sly.logger.info("Train metrics", extra={"epoch": epoch, "iter": iteration, "lr": lr, "loss": loss})
-
-    def epoch_end(self, epoch: int, record: dict) -> None:
-        self._epochs.set_current_value(epoch)
-        if "val_loss" in record:
-            keys = ("val_loss", "mean_fg_iou", "mean_fg_dice", "pixel_accuracy")
-            self._sly.logger.info("Val metrics", extra={"epoch": epoch, **{k: record[k] for k in keys}})
-
-    def message(self, level: str, text: str) -> None:
-        getattr(self._sly.logger, "warning" if level == "warning" else "error" if level == "error" else "info")(text)
-
-    def finish(self, summary: dict) -> None:
-        best = summary.get("best") or {}
-        self._sly.logger.info(f"Training {summary['status']}", extra={
-            "last_epoch": summary["last_epoch"], "output_dir": summary["output_dir"],
-            "best_checkpoint": best.get("checkpoint"), "best_" + best.get("metric", "metric"): best.get("value")})
-
-
-def in_platform_task() -> bool:
-    """TASK_ID, SERVER_ADDRESS and API_TOKEN are set: the platform started this process as a task."""
-    import os
-
-    return all(os.environ.get(key) for key in ("TASK_ID", "SERVER_ADDRESS", "API_TOKEN"))
-
-
 # ---- dashboard settings <-> train.py argv ----------------------------------------------------
 # The dashboard collects its widget values as {parser dest: value} ("settings"); these two functions
 # are the only bridge to the engine's command line, so every engine option is reachable and

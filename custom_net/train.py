@@ -14,7 +14,7 @@ import logging
 import sys
 import warnings
 
-from custom_net import augs, distributed, sly_seg_dataset as data
+from custom_net import augs, distributed, platform_task, sly_seg_dataset as data
 from custom_net.config import ArgsError, parse_config
 from custom_net.epoch import NonFiniteLoss
 from custom_net.model import UnknownModelError
@@ -42,13 +42,11 @@ def with_platform_task(reporter: Reporter) -> Reporter:
     """--sly: report to the Supervisely task this process runs in, when it runs in one. There the task log
     is the console: the SDK's progress events replace the console's progress bars, which would break up
     their JSON lines."""
-    from custom_net import sly_integration
-
-    if not sly_integration.in_platform_task():
+    if not platform_task.in_platform_task():
         reporter.message("info", "--sly: not running in a Supervisely task (TASK_ID, SERVER_ADDRESS, API_TOKEN are "
                                  "not set): progress goes to this output only")
         return reporter
-    task = sly_integration.TaskLogReporter()
+    task = platform_task.TaskLogReporter()
     return task if type(reporter) is ConsoleReporter else Broadcast(reporter, task)
 
 
