@@ -353,13 +353,14 @@ def int8_fidelity(run: Path) -> dict:
     from custom_net.evaluate import evaluate_items, select_items
     from custom_net.predict import load_predictor
     from custom_net.quantize import QuantizationError
+    from custom_net.run_folder import RunFolder
 
     try:
         predictor = load_predictor(run, "cpu", "int8")
     except QuantizationError as e:  # e.g. after --quick's two epochs: a model not yet decisive
         return {"refused": str(e)}
     project = data.open_project(demo_project_dir())
-    items = select_items(project, run / "info" / "val_set.json")
+    items = select_items(project, RunFolder(run).split_set("val"))
     cpu = torch.device("cpu")
     return {label: evaluate_items(trained, project.meta, items, cpu, worst=0)["metrics"]["mean_fg_iou"]
             for label, trained in (("float32", predictor.trained), ("int8", replace(predictor.trained, model=predictor.net)))}

@@ -43,16 +43,17 @@ LEMON = REPO.parent / "shared" / "data" / "lemons_test" / "ds1" / "img" / "IMG_0
 def fixed_seed_run(root: Path, size: int = 256) -> Path:
     """A run folder with an untrained UNet (speed does not depend on the weights)."""
     from custom_net.model import build_model
+    from custom_net.run_folder import RunFolder
 
-    (root / "checkpoints").mkdir(parents=True)
-    (root / "info").mkdir()
+    folder = RunFolder(root)
+    folder.checkpoints.mkdir(parents=True)
+    folder.info.mkdir()
     classes = [{"title": t, "shape": "bitmap", "color": c} for t, c in (("__bg__", "#000000"), ("lemon", "#FFC800"),
                                                                        ("kiwi", "#28A028"))]
-    (root / "info" / "model_classes.json").write_text(json.dumps(classes))
-    (root / "info" / "ui_state.json").write_text(json.dumps({"selectedModel": "UNet",
-                                                             "imgSize": {"width": size, "height": size}}))
+    folder.model_classes.write_text(json.dumps(classes))
+    folder.ui_state.write_text(json.dumps({"selectedModel": "UNet", "imgSize": {"width": size, "height": size}}))
     torch.manual_seed(0)
-    torch.save(build_model("UNet", len(classes), "none").state_dict(), root / "checkpoints" / "model_001_best.pth")
+    torch.save(build_model("UNet", len(classes), "none").state_dict(), folder.checkpoint(1, "best"))
     return root
 
 

@@ -21,6 +21,7 @@ from custom_net.hardware import AMP_MODES
 from custom_net.loss import LOSSES
 from custom_net.model import INIT_SCHEMES, model_list
 from custom_net.optim import LR_SCHEDULES, OPTIMIZERS
+from custom_net.run_folder import RunFolder
 
 BEST_METRICS = ("mean_fg_iou", "mean_iou", "mean_fg_dice", "mean_dice", "pixel_accuracy", "val_loss")
 SPLIT_METHODS = ("random", "datasets", "tags", "files")
@@ -436,7 +437,7 @@ def _parse_layers(argv: list[str]) -> dict:
     parser = build_parser()
     first = parser.parse_args(argv)
     if first.resume:
-        run_args = Path(first.resume) / "checkpoints" / "train_args.json"
+        run_args = RunFolder(first.resume).train_args
         if not run_args.is_file():
             raise ArgsError(f"--resume: {first.resume} is not a run folder ({run_args} is missing)")
         # train_args.json records "output" too: override it, not pass it twice (a TypeError).

@@ -7,11 +7,6 @@ modal's choices as ``modal.state.slyFile`` / ``modal.state.device``; local use s
 (a run folder or a .pth) and optionally ``UNET_DEVICE``, ``UNET_RUNTIME`` (pytorch | int8 | onnx),
 ``UNET_AMP``, ``UNET_MAX_PIXELS``, ``UNET_MODEL_DIR``.
 """
-from custom_net.hardware import select_device
-from unet_model import DeployConfig, UNetModel
+from serve_app.app import create_app
 
-config = DeployConfig.from_env()
-model = UNetModel(config)
-model.load_on_device(model.model_dir, str(select_device(config.device)))
-model.serve()
-app = model.app
+app = create_app()
