@@ -274,7 +274,7 @@ def _original_app_options(p: argparse.ArgumentParser) -> None:
 
 
 def _distributed_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("distributed (torchrun; see README 'Scaling out')")
+    g = p.add_argument_group("distributed (torchrun; see docs/scaling.md)")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
                    help="SyncBatchNorm: batch statistics over all GPUs (CUDA only)")
     g.add_argument("--dist-timeout", type=_positive_float, default=1800.0,

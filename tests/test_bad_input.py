@@ -248,6 +248,7 @@ def test_batch_larger_than_train_set_warns_and_trains(tiny_project, tmp_path):
 # ---- the same through the command line --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_with_exit_code_2(project, tmp_path, monkeypatch):
     (project / ITEM).write_bytes(b"garbage")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty torch cache; downloads are refused

@@ -14,6 +14,8 @@ from custom_net.model import model_list
 from custom_net.config import build_parser, parse_config
 from tests.dashboard_harness import DashboardServer, PushListener
 
+pytestmark = pytest.mark.slow  # starts processes or servers
+
 TINY = {"s06_input_height": {"value": "64"}, "s06_input_width": {"value": "64"}, "s06_epochs": {"value": "2"},
         "s06_batch_size": {"value": "4"}, "s06_gpu_id": {"value": ["cpu"]}, "s06_vis_count": {"value": "2"}}
 

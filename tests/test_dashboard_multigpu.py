@@ -11,6 +11,8 @@ import pytest
 from custom_net.config import parse_config
 from tests.dashboard_harness import DashboardServer
 
+pytestmark = pytest.mark.slow  # starts processes or servers
+
 
 @pytest.fixture(scope="module")
 def app(tiny_project, tmp_path_factory):

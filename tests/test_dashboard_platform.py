@@ -13,6 +13,8 @@ import pytest
 from tests.dashboard_harness import DashboardServer
 from tests.sly_loopback import LoopbackPlatform
 
+pytestmark = pytest.mark.slow  # starts processes or servers
+
 TASK_ID = 4242
 
 

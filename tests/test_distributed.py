@@ -31,6 +31,8 @@ from custom_net.train import main
 from custom_net.visualize import preview_panel
 from tests.helpers import free_port, metrics_of, RecordingReporter
 
+pytestmark = pytest.mark.slow  # starts processes or servers
+
 EPOCHS = 2
 ARGS = ["--model", "UNet", "--input-height", "64", "--input-width", "64", "--epochs", str(EPOCHS),
         "--encoder-weights", "none", "--gpu-id", "cpu", "--amp", "off", "--jaccard-weight", "0",

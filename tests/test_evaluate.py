@@ -265,6 +265,7 @@ def test_no_eval_flag_skips_it(tiny_project, tmp_path):
     assert "eval" not in summary and not (out / "eval").exists()
 
 
+@pytest.mark.slow
 def test_cli_sliding_window_on_the_validation_split(trained_run, tiny_project, tmp_path):
     run, _ = trained_run
     out = tmp_path / "cli_eval"
@@ -317,6 +318,7 @@ CHECK_SCRIPT = """<script>window.addEventListener('load', () => {
 });</script>"""
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(oracle_report, tmp_path):
     chromium = _find_chromium()
     out, result = oracle_report

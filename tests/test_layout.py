@@ -122,6 +122,7 @@ def test_no_function_over_60_lines():
     assert not long, long
 
 
+@pytest.mark.slow
 def test_the_apps_import_as_packages_from_anywhere(tmp_path):
     """Installed (pip install -e .), the apps need no --app-dir or PYTHONPATH, and importing loads no model."""
     result = subprocess.run([sys.executable, "-c", "import serve_app.app, serve_app.checks, train_app.dashboard"],

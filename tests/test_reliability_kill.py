@@ -28,7 +28,7 @@ EPOCHS = 3
 ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--no-eval", "--epochs", str(EPOCHS),
         "--amp", "off", "--metrics-period", "1", "--checkpoint-interval", "1", "--max-keep-ckpts", "2",
         "--sly-augs-path", "seg_simple_rotate_crop_flipLR_flipUD"]
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:imgaug.*", "ignore::DeprecationWarning:imageio.*")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:imgaug.*", "ignore::DeprecationWarning:imageio.*")]
 
 
 def _train(argv: list[str], progress: str) -> None:

@@ -20,6 +20,8 @@ from tests.dashboard_harness import DashboardServer
 from tests.sly_loopback import LoopbackPlatform
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # starts processes or servers
+
 SDK_RETRIES = 2
 DOWNLOAD_ATTEMPTS = 3  # train_app.platform_io.DOWNLOAD_ATTEMPTS
 FAST_RETRIES = {"SUPERVISELY_PUBLIC_API_RETRIES": str(SDK_RETRIES), "SUPERVISELY_PUBLIC_API_RETRY_SLEEP_SEC": "0"}

@@ -21,6 +21,8 @@ import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 from tests.helpers import make_run, png_declaring, Server
 
+pytestmark = pytest.mark.slow  # starts processes or servers
+
 
 UPLOAD_ROUTES = ("inference_image", "inference_batch", "inference_batch_async")
 REQUEST_ROUTES = ("get_inference_progress", "pop_inference_results", "get_inference_result", "stop_inference",

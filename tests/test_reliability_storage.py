@@ -19,6 +19,8 @@ from custom_net.train import cli, main
 from custom_net.storage import StorageError
 from tests.helpers import TINY_TRAIN_ARGS, assert_every_file_loads
 
+pytestmark = pytest.mark.slow  # starts processes or servers
+
 ARGS = [*TINY_TRAIN_ARGS, "--input-height", "32", "--input-width", "32", "--no-eval", "--epochs", "2",
         "--amp", "off", "--optimizer", "SGD", "--checkpoint-interval", "1", "--max-keep-ckpts", "1"]
 

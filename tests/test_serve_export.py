@@ -54,6 +54,7 @@ def test_architecture_exports_with_dynamic_batch_and_size(model_name, tmp_path):
         torch.testing.assert_close(got, expected, atol=1e-4 * scale, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_onnx_runtime_agrees_with_pytorch_on_lemons(onnx_run):
     images = [read_image_rgb(p) for p in lemons_images()]
     trained = load_trained_model(onnx_run)
@@ -68,6 +69,7 @@ def test_onnx_runtime_agrees_with_pytorch_on_lemons(onnx_run):
     assert (got - expected).abs().max().item() < 1e-4 * scale  # speed: bench/serve_bench.py
 
 
+@pytest.mark.slow
 def test_predictors_on_both_runtimes_give_the_same_masks(onnx_run, tmp_path):
     image = read_image_rgb(lemons_images()[0])
     onnx = load_predictor(onnx_run, "cpu", "onnx", onnx_path=tmp_path / "m.onnx")

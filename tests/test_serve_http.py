@@ -22,6 +22,8 @@ from custom_net.predict import load_predictor
 from custom_net.preprocessing import read_image_rgb
 from tests.helpers import CLASSES, TINY_TRAIN_ARGS, assert_agrees, lemons_images, make_run, mask_of, png_declaring, Server
 
+pytestmark = pytest.mark.slow  # starts processes or servers
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:

@@ -26,6 +26,8 @@ from tests.sly_loopback import LoopbackPlatform
 from custom_net.predict import load_predictor
 from tests.helpers import assert_agrees, make_run, mask_of, Server
 
+pytestmark = pytest.mark.slow  # starts processes or servers
+
 REMOTE_RUN = "/unet/3_tiny/"
 
 

@@ -27,6 +27,8 @@ from custom_net.train import main
 from custom_net.epoch import NonFiniteLoss
 from custom_net.validation import validate
 
+pytestmark = pytest.mark.slow  # starts processes or servers
+
 EPOCHS = 4
 AUGS = "seg_simple_rotate_crop_flipLR_flipUD"
 CLASSES = ["__bg__", "disk", "triangle", "box"]  # build_demo_project's classes, in meta order

@@ -134,6 +134,19 @@ def test_amp_modes():
     assert resolve_amp("off", cpu) is None
     assert resolve_amp("bf16", cpu) is torch.bfloat16
     assert resolve_amp("fp16", cpu) is torch.float16
-    assert resolve_amp("auto", cpu) in (torch.bfloat16, None)
     with pytest.raises(ValueError, match="--amp"):
         resolve_amp("int8", cpu)
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    """bf16 where the CPU computes it natively (AVX512-BF16 or AMX), else float32: emulated bf16 is slower."""
+    from custom_net import hardware
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert resolve_amp("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: {"avx512f", "avx2"})
+    assert resolve_amp("auto", cpu) is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AMX")
+    assert resolve_amp("auto", cpu) is torch.bfloat16
