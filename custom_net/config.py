@@ -58,50 +58,28 @@ class _Parser(argparse.ArgumentParser):
         raise ArgsError(message)
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _checked(name: str, convert, ok, rule: str, auto: bool = False):
+    """An argparse type: ``convert(text)`` if ``ok`` accepts it (else an error saying ``rule``), or "auto"
+    where that is allowed."""
+    def parse(text):
+        if auto and text == "auto":
+            return text
+        value = convert(text)
+        if not ok(value):  # ``not``: also refuses nan
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = name  # argparse names it in "invalid ... value"
+    return parse
 
 
-def _size(text):
-    value = int(text)
-    if value < 32 or value % 32:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 32 (32, 64, ... 256 ...), got {value}")
-    return value
-
-
-def _workers(text):
-    if text == "auto":
-        return text
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 'auto' or >= 0")
-    return value
-
-
-def _positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text):
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _bn_momentum(text):
-    if text == "auto":
-        return text
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or in (0, 1], got {text}")
-    return value
+_positive_int = _checked("positive int", int, lambda v: v >= 1, ">= 1")
+_size = _checked("size", int, lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (32, 64, ... 256 ...)")
+_workers = _checked("workers", int, lambda v: v >= 0, "'auto' or >= 0", auto=True)
+_positive_float = _checked("positive float", float, lambda v: v > 0, "> 0")
+_non_negative_float = _checked("non-negative float", float, lambda v: v >= 0, ">= 0")
+_bn_momentum = _checked("momentum", float, lambda v: 0 < v <= 1, "'auto' or in (0, 1]", auto=True)
+_fraction = _checked("fraction", float, lambda v: 0 <= v <= 1, "between 0 and 1")
 
 
 def _lr_schedule(text):
@@ -119,13 +97,6 @@ def _milestones(text):
 class _Flatten(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, [v for value in values for v in value])
-
-
-def _fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

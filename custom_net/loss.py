@@ -8,47 +8,42 @@ from torch import nn
 EPS = 1e-15
 
 
-class JaccardNLLLoss(nn.Module):
-    """The original app's loss: (1 - w) * NLL - w * sum_c log(soft Jaccard_c)."""
+class _PixelAndRegionLoss(nn.Module):
+    """(1 - w) x a pixel-wise loss + w x a per-class overlap (region) term; ``w`` is ``weight``."""
 
-    def __init__(self, num_classes: int, jaccard_weight: float = 0.5, class_weights: torch.Tensor | None = None):
+    def __init__(self, num_classes: int, weight: float = 0.5, class_weights: torch.Tensor | None = None):
         super().__init__()
-        self.num_classes = num_classes
-        self.jaccard_weight = jaccard_weight
+        self.num_classes, self.weight = num_classes, weight
         self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def overlap(self, probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per class, over the batch: the soft intersection and the sum of both areas."""
+        one_hot = F.one_hot(target, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+        return (probs * one_hot).sum(dim=(0, 2, 3)), probs.sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
+
+
+class JaccardNLLLoss(_PixelAndRegionLoss):
+    """The original app's loss: (1 - w) * NLL - w * sum_c log(soft Jaccard_c)."""
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_probs = F.log_softmax(logits.float(), dim=1)
-        loss = (1 - self.jaccard_weight) * F.nll_loss(log_probs, target, weight=self.class_weights)
-        if self.jaccard_weight:
-            probs = log_probs.exp()
-            one_hot = F.one_hot(target, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype)
-            intersection = (probs * one_hot).sum(dim=(0, 2, 3))
-            union = probs.sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
-            loss = loss - self.jaccard_weight * torch.log((intersection + EPS) / (union - intersection + EPS)).sum()
+        loss = (1 - self.weight) * F.nll_loss(log_probs, target, weight=self.class_weights)
+        if self.weight:
+            intersection, areas = self.overlap(log_probs.exp(), target)
+            loss = loss - self.weight * torch.log((intersection + EPS) / (areas - intersection + EPS)).sum()
         return loss
 
 
-class CEDiceLoss(nn.Module):
+class CEDiceLoss(_PixelAndRegionLoss):
     """Cross-entropy plus (1 - soft Dice), the Dice averaged over all classes (smoothed by 1, so a class
     absent from the batch scores near 1 when it is not predicted)."""
 
-    def __init__(self, num_classes: int, dice_weight: float = 0.5, class_weights: torch.Tensor | None = None):
-        super().__init__()
-        self.num_classes = num_classes
-        self.dice_weight = dice_weight
-        self.register_buffer("class_weights", class_weights, persistent=False)
-
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        loss = (1 - self.dice_weight) * F.cross_entropy(logits, target, weight=self.class_weights)
-        if self.dice_weight:
-            probs = logits.softmax(dim=1)
-            one_hot = F.one_hot(target, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype)
-            intersection = (probs * one_hot).sum(dim=(0, 2, 3))
-            cardinality = probs.sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
-            dice = (2 * intersection + 1.0) / (cardinality + 1.0)
-            loss = loss + self.dice_weight * (1 - dice).mean()
+        loss = (1 - self.weight) * F.cross_entropy(logits, target, weight=self.class_weights)
+        if self.weight:
+            intersection, areas = self.overlap(logits.softmax(dim=1), target)
+            loss = loss + self.weight * (1 - (2 * intersection + 1.0) / (areas + 1.0)).mean()
         return loss
 
 

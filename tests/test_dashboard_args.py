@@ -75,7 +75,7 @@ def test_unknown_setting_is_an_error():
     ("gpu_id", " cpu ", ("cpu", None)),
     ("num_workers", "auto", ("auto", None)),
     ("num_workers", "3", (3, None)),
-    ("num_workers", "-1", (None, "must be 'auto' or >= 0")),
+    ("num_workers", "-1", (None, "must be 'auto' or >= 0, got -1")),
     ("preset", "original", ("original", None)),
 ])
 def test_check_setting_uses_the_engine_types(dest, text, expected):
