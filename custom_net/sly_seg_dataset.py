@@ -13,7 +13,6 @@ order of the annotation's label list, so a label listed later (drawn on top on t
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import tempfile
@@ -30,7 +29,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from custom_net import augs
 from custom_net.preprocessing import ImageReadError, image_file_size, read_image_rgb, resize_image, resize_mask
 
-logger = logging.getLogger(__name__)
 
 BG_CLASS = "__bg__"
 BG_COLOR = [0, 0, 0]
