@@ -126,7 +126,7 @@ def test_hyperparameters_are_validated_on_the_widgets(app):
     assert data["s06_err_epochs"]["text"] == "must be >= 1, got 0"
     assert data["s06_err_batch_size"]["hide"]
     app.click("s06_apply", **TINY, s06_lr={"value": "0.001"}, s06_num_workers={"value": "-1"})
-    assert app.data()["s06_err_num_workers"]["text"] == "must be 'auto' or >= 0"
+    assert app.data()["s06_err_num_workers"]["text"] == "must be 'auto' or >= 0, got -1"
     app.click("s06_apply", **TINY, s06_num_workers={"value": "auto"}, s06_checkpoint_interval={"value": "-1"})
     assert app.status(6) == ("error", "--checkpoint-interval must be >= 0")  # a rule of parse_args, not of one type
     assert locked(app, 7)
