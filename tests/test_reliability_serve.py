@@ -77,7 +77,11 @@ settings_values = st.one_of(
         "settings": st.one_of(json_values, st.fixed_dictionaries({}, optional={
             "mode": json_values | st.sampled_from(["whole", "sliding"]), "overlap": json_values | st.floats(),
             "tile_batch_size": json_values | st.integers(-5, 10**9), "classes": json_values,
-            "inference_mode": json_values, "confidence": json_values})),
+            "inference_mode": json_values | st.sampled_from(["full_image", "sliding_window"]),
+            "sliding_window_params": json_values | st.fixed_dictionaries({}, optional={
+                key: json_values | st.sampled_from([-1, 0, 16, 63, 64, 100, 10**9, "shift_window", "change_size"])
+                for key in ("windowHeight", "windowWidth", "overlapY", "overlapX", "borderStrategy")}),
+            "confidence": json_values})),
         "batch_size": json_values | st.integers(-5, 10**9), "rectangle": json_values, "mode": json_values,
     }).map(json.dumps),
 )

@@ -37,6 +37,7 @@ E2E = "tests/test_train_e2e.py::"
 PLATFORM = "tests/test_reliability_platform.py::"
 SERVE = "tests/test_reliability_serve.py::"
 SERVE_PLATFORM = "tests/test_serve_platform.py::"
+SERVE_HTTP = "tests/test_serve_http.py::"
 DASHBOARD_LOCAL = "tests/test_dashboard_local.py::"
 DASHBOARD_PLATFORM = "tests/test_dashboard_platform.py::"
 
@@ -197,6 +198,19 @@ FAULTS = [
           "`ModelAPI.predict` call got a 400 for unknown settings, and that `Session` call a `KeyError`",
           (SERVE_PLATFORM + "test_the_sdks_model_api_predicts_by_id_dataset_project_and_file",
            SERVE_PLATFORM + "test_the_sdk_session_client_predicts_platform_images_and_projects_like_the_engine")),
+    Fault("serve", "The SDK's sliding window (`inference_mode: sliding_window`, as the platform's apps and `Session` send "
+                   "it) with a window of 0 or 64.5 px, a negative overlap, an overlap not less than its window (or "
+                   "than the image, when no window size is given), an unknown `borderStrategy` or key, params that "
+                   "are not an object, 1x1 windows on a 200x200 image; near-miss `sliding_window_params` in the "
+                   "uploads' fuzzer",
+          "400 naming the setting (`sliding_window_params.overlapY (32) must be less than "
+          "sliding_window_params.windowHeight (32)`, `... scale this 200x200 image to 12800x12800 pixels, more than "
+          "the limit ...`); good ones answer our blended sliding window's masks. Before, every `sliding_window` "
+          "request got a 400; the SDK's own window step would have stacked overlapping labels of separate "
+          "windows, or answered 500 to a window larger than the image",
+          (SERVE_HTTP + "test_bad_requests_get_400_with_a_message_and_the_server_keeps_serving",
+           SERVE_HTTP + "test_the_sdk_session_client_asks_for_the_sdks_sliding_window",
+           SERVE + "test_fuzzed_uploads_never_crash_the_server")),
     Fault("serve", "150 generated bodies for the info, polling and URL routes (random bytes, any JSON, objects whose `context`, "
                    "`state`, `api_token`, `server_address` have any type; any content type) and non-object JSON "
                    "for the platform-only routes",

@@ -18,8 +18,9 @@ import pytest
 import requests
 import supervisely as sly
 
+from custom_net.inference import predict_image, resize_probabilities
 from custom_net.predict import load_predictor
-from custom_net.preprocessing import read_image_rgb
+from custom_net.preprocessing import read_image_rgb, resize_image
 from tests.helpers import CLASSES, TINY_TRAIN_ARGS, assert_agrees, lemons_images, make_run, mask_of, png_declaring, Server
 
 pytestmark = pytest.mark.slow  # starts processes or servers
@@ -65,12 +66,15 @@ def test_session_info_and_classes(server, run):
     assert info["number_of_classes"] == len(CLASSES) and info["task type"] == "semantic segmentation"
     assert info["input_size"] == {"height": 64, "width": 64} and info["device"] == "cpu"
     assert info["batch_inference_support"] is True and info["inference_modes"] == ["whole", "sliding"]
+    assert info["sliding_window_support"] == "basic"  # what the SDK's apps read to offer their sliding window
     classes = server.post("get_output_classes_and_tags").json()["classes"]
     # the run's class order and colours, every class a bitmap
     assert [(c["title"], c["shape"], c["color"]) for c in classes] == [
         (name, "bitmap", sly.color.rgb2hex(color)) for name, _, color in CLASSES]
     assert server.post("get_custom_inference_settings").json()["settings"] == {
-        "mode": "whole", "overlap": 0.25, "tile_batch_size": 4}
+        "mode": "whole", "overlap": 0.25, "tile_batch_size": 4, "inference_mode": "full_image",
+        "sliding_window_params": {"windowHeight": 64, "windowWidth": 64, "overlapY": 16, "overlapX": 16,
+                                  "borderStrategy": "shift_window"}}
 
 
 def test_every_lemons_image_is_predicted_at_its_size(server, meta, predictor):
@@ -112,9 +116,50 @@ def test_sliding_window_on_a_large_image(server, meta, predictor):
     assert (whole != sliding).any()  # the setting reached the model: a different computation
 
 
+def test_the_sdk_session_client_asks_for_the_sdks_sliding_window(server, meta, predictor, tmp_path):
+    """``sly.nn.inference.Session``, as the platform's apps use it, with the SDK's own sliding window settings:
+    the same masks as our ``mode: sliding`` with the equivalent settings, not the SDK's cut-up windows."""
+    image = _synthetic(200, 330, 4)
+    path = tmp_path / "large.png"
+    path.write_bytes(_png(image))
+    api = sly.Api(server.url, "x" * 128, ignore_task_id=True)  # the client needs one; uploads never use it
+    session = sly.nn.inference.Session(api, session_url=server.url)
+    window = {"windowHeight": 64, "windowWidth": 64, "overlapY": 20, "overlapX": 12, "borderStrategy": "shift_window"}
+    session.update_inference_settings(inference_mode="sliding_window", sliding_window_params=window, tile_batch_size=8)
+    answer = session.inference_image_path(str(path))
+    assert isinstance(answer, sly.Annotation) and answer.img_size == image.shape[:2]
+    # windows of the training size: our tiles, the larger overlap as a fraction (the SDK's are minimums)
+    ours = server.infer(_png(image), settings={"mode": "sliding", "overlap": 20 / 64, "tile_batch_size": 8})
+    assert_agrees(mask_of(answer.to_json(), meta), mask_of(ours.json()["annotation"], meta))
+    assert_agrees(mask_of(answer.to_json(), meta), predictor.masks([image], "sliding", overlap=20 / 64)[0])
+
+    # windows twice the training size: the image at half scale in our tiles, the answer at the image's size
+    session.update_inference_settings(sliding_window_params={"windowHeight": 128, "windowWidth": 128,
+                                                             "overlapY": 32, "overlapX": 32})
+    answer = mask_of(session.inference_image_path(str(path)).to_json(), meta)
+    half = predict_image(predictor.net, resize_image(image, 100, 165), 64, 64, predictor.device, predictor.amp_dtype,
+                         "sliding", overlap=0.25)  # our sliding at 32 px overlap of 128 px windows
+    assert_agrees(answer, resize_probabilities(half, *image.shape[:2]).argmax(dim=0).numpy())
+    assert (answer != predictor.masks([image], "sliding", overlap=0.25)[0]).mean() > 0.05  # the scale reached it
+
+
+def test_the_sdks_inference_modes_without_window_settings(server, meta, predictor):
+    """``full_image`` is the whole image; ``sliding_window`` alone uses the advertised windows (the training
+    size, overlap 16 px), i.e. our ``sliding`` at its defaults."""
+    image = _synthetic(150, 230, 11)
+    full = server.infer(_png(image), settings={"inference_mode": "full_image"}).json()["annotation"]
+    assert_agrees(mask_of(full, meta), predictor.masks([image])[0])
+    sliding = server.infer(_png(image), settings={"inference_mode": "sliding_window"}).json()["annotation"]
+    assert_agrees(mask_of(sliding, meta), predictor.masks([image], "sliding", overlap=0.25)[0])
+
+
 def _truncated_jpeg() -> bytes:
     data = cv2.imencode(".jpg", _synthetic(120, 160, 5))[1].tobytes()
     return data[: len(data) * 2 // 3]
+
+
+def _sdk_window(params) -> dict:
+    return {"settings": {"inference_mode": "sliding_window", "sliding_window_params": params}}
 
 
 BAD_REQUESTS = {
@@ -128,6 +173,29 @@ BAD_REQUESTS = {
     "unknown class": (None, {"settings": {"classes": ["plum"]}}, "unknown class(es) 'plum' in \"classes\""),
     "bad overlap": (None, {"settings": {"mode": "sliding", "overlap": 1.5}}, "overlap must be a number in [0, 1)"),
     "settings outside 'settings'": (None, {"mode": "sliding"}, "unknown request key(s) 'mode'"),
+    "unknown inference_mode": (None, {"settings": {"inference_mode": "tiles"}},
+                               "inference_mode must be one of full_image, sliding_window, got \"tiles\""),
+    "sliding window: zero window": (None, _sdk_window({"windowHeight": 0}),
+                                    "sliding_window_params.windowHeight must be a positive integer"),
+    "sliding window: fractional window": (None, _sdk_window({"windowWidth": 64.5}),
+                                          "sliding_window_params.windowWidth must be a positive integer"),
+    "sliding window: negative overlap": (None, _sdk_window({"overlapX": -1}),
+                                         "sliding_window_params.overlapX must be a non-negative integer"),
+    "sliding window: overlap = window": (
+        None, _sdk_window({"windowHeight": 32, "overlapY": 32}),
+        "sliding_window_params.overlapY (32) must be less than sliding_window_params.windowHeight (32)"),
+    "sliding window: overlap = image": (  # no windowHeight: the image's 48, as in the SDK
+        None, _sdk_window({"overlapY": 48}),
+        "sliding_window_params.overlapY (48) must be less than the window's height, here the image's (48)"),
+    "sliding window: border strategy": (
+        None, _sdk_window({"borderStrategy": "mirror"}),
+        "sliding_window_params.borderStrategy must be one of shift_window, add_padding, change_size"),
+    "sliding window: unknown key": (None, _sdk_window({"windowSize": 64}),
+                                    "unknown key(s) 'windowSize' in sliding_window_params"),
+    "sliding window: not an object": (None, _sdk_window([64, 64]), "sliding_window_params must be a JSON object"),
+    "sliding window: tiny windows": (  # the model would see a 12800x12800 image
+        {"files": ("big.png", _png(_synthetic(200, 200, 12)))}, _sdk_window({"windowHeight": 1, "windowWidth": 1}),
+        "sliding_window_params: 1x1 windows predicted at the model's 64x64 scale this 200x200 image to 12800x12800"),
     "settings not json": (None, "{mode: sliding", "settings is not valid JSON"),
 }
 

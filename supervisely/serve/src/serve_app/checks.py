@@ -1,8 +1,9 @@
 """Checks of the serving app's requests, in front of the SDK's code: a bad request is a 4xx with a message
 naming what is wrong, never the SDK's 500.
 
-- inference settings (``parse_settings``) and request states (``check_state``): settings, rectangle, batch
-  size, upload mode; image ids (``check_image_ids``); an image URL (``download_url_image``);
+- inference settings (``parse_settings``) and request states (``check_state``): settings (the SDK's sliding
+  window among them, ``SdkWindow``), rectangle, batch size, upload mode; image ids (``check_image_ids``); an
+  image URL (``download_url_image``);
 - ``JsonBodyGuard``, an ASGI middleware that reads a JSON body whatever its declared type and refuses one the
   SDK's middleware cannot read (not an object, not JSON).
 """
@@ -25,10 +26,16 @@ DEFAULT_SETTINGS = {
     "mode": "whole",         # whole: resized to the training size; sliding: training-size tiles at full resolution
     "overlap": 0.25,         # sliding: fraction of a tile shared with its neighbour, in [0, 1)
     "tile_batch_size": 4,    # images (whole) or tiles (sliding) per forward pass
+    # The SDK's names: listed so that its client (Session.update_inference_settings) may send them. The model
+    # adds its "sliding_window_params" (windows of its training size) once loaded.
+    "inference_mode": "full_image",
 }
 # Keys the SDK itself or the platform's apps put into settings; accepted, the rest is rejected.
-SDK_SETTINGS = {"classes", "rectangle", "sliding_window_mode", "inference_mode", "sliding_window_params",
-                "existing_objects_iou_thresh"}
+SDK_SETTINGS = {"classes", "rectangle", "sliding_window_mode", "sliding_window_params", "existing_objects_iou_thresh"}
+SDK_INFERENCE_MODES = ("full_image", "sliding_window")
+# The SDK's sliding_window_params (supervisely.decorators.inference) and its SlidingWindowBorderStrategy values.
+SDK_WINDOW_KEYS = ("windowHeight", "windowWidth", "overlapY", "overlapX", "borderStrategy")
+SDK_BORDER_STRATEGIES = ("shift_window", "add_padding", "change_size")
 # The SDK's client (ModelAPI.predict, PredictionSession) copies each of its scalar arguments into settings,
 # even those that only steer the client, go to the request state (video frames) or have no meaning for
 # semantic segmentation: accepted and ignored.
@@ -53,10 +60,85 @@ class NotFound(LookupError):
 
 
 @dataclass(frozen=True)
+class SdkWindow:
+    """The SDK's sliding window (``inference_mode: sliding_window``) in pixels; a size left out is the image's,
+    as in the SDK. Our blended sliding window reproduces it: the image is scaled so that a window becomes one
+    model tile, and the overlap becomes a fraction of the window."""
+    height: int | None
+    width: int | None
+    overlap_y: int = 0
+    overlap_x: int = 0
+
+    def on_image(self, height: int, width: int, tile_height: int, tile_width: int,
+                 max_pixels: int) -> tuple[int, int, float]:
+        """The size to scale an image to, and our overlap fraction: the larger of the two axes' (the SDK's
+        overlaps are minimums, and our tiles share one fraction)."""
+        window_h, window_w = self.height or height, self.width or width
+        for key, overlap, size, dimension in (("overlapY", self.overlap_y, window_h, "height"),
+                                              ("overlapX", self.overlap_x, window_w, "width")):
+            if overlap >= size:  # only a size left out gets here: a given one was checked with the request
+                raise InvalidSettings(f"sliding_window_params.{key} ({overlap}) must be less than the window's "
+                                      f"{dimension}, here the image's ({size}) as none is given")
+        scaled_h = max(1, round(height * tile_height / window_h))
+        scaled_w = max(1, round(width * tile_width / window_w))
+        if scaled_h * scaled_w > max_pixels:  # a small window on a large image: the model would see a huge one
+            raise InvalidSettings(f"sliding_window_params: {window_w}x{window_h} windows predicted at the model's "
+                                  f"{tile_width}x{tile_height} scale this {width}x{height} image to "
+                                  f"{scaled_w}x{scaled_h} pixels, more than the limit of {max_pixels}; "
+                                  "use larger windows")
+        return scaled_h, scaled_w, max(self.overlap_y / window_h, self.overlap_x / window_w)
+
+
+@dataclass(frozen=True)
 class InferenceSettings:
     mode: str
     overlap: float
     tile_batch_size: int
+    window: SdkWindow | None = None  # the SDK's sliding window, which then replaces mode and overlap
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value)[:80]
+
+
+def parse_sdk_window(settings: Dict[str, Any]) -> SdkWindow | None:
+    """The SDK's ``inference_mode`` and ``sliding_window_params`` checked: None for the whole image."""
+    inference_mode = settings.get("inference_mode", "full_image")
+    if inference_mode not in SDK_INFERENCE_MODES:
+        raise InvalidSettings(f"inference_mode must be one of {', '.join(SDK_INFERENCE_MODES)}, "
+                              f"got {_json(inference_mode)}")
+    if inference_mode == "full_image":
+        return None
+    params = settings.get("sliding_window_params")
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise InvalidSettings(f"sliding_window_params must be a JSON object, got {_json(params)}")
+    unknown = sorted(set(params) - set(SDK_WINDOW_KEYS))
+    if unknown:
+        raise InvalidSettings(f"unknown key(s) {', '.join(map(repr, unknown))} in sliding_window_params; "
+                              f"valid keys: {', '.join(SDK_WINDOW_KEYS)}")
+    for key in ("windowHeight", "windowWidth"):
+        if key in params and not (_is_int(params[key]) and params[key] >= 1):
+            raise InvalidSettings(f"sliding_window_params.{key} must be a positive integer (pixels), "
+                                  f"got {_json(params[key])}")
+    for key, size_key in (("overlapY", "windowHeight"), ("overlapX", "windowWidth")):
+        overlap = params.get(key, 0)
+        if not (_is_int(overlap) and overlap >= 0):
+            raise InvalidSettings(f"sliding_window_params.{key} must be a non-negative integer (pixels), "
+                                  f"got {_json(overlap)}")
+        if size_key in params and overlap >= params[size_key]:
+            raise InvalidSettings(f"sliding_window_params.{key} ({overlap}) must be less than "
+                                  f"sliding_window_params.{size_key} ({params[size_key]})")
+    strategy = params.get("borderStrategy", "shift_window")
+    if strategy not in SDK_BORDER_STRATEGIES:
+        raise InvalidSettings(f"sliding_window_params.borderStrategy must be one of "
+                              f"{', '.join(SDK_BORDER_STRATEGIES)}, got {_json(strategy)}")
+    return SdkWindow(params.get("windowHeight"), params.get("windowWidth"), params.get("overlapY", 0),
+                     params.get("overlapX", 0))
 
 
 def parse_settings(settings: Dict[str, Any], class_names: List[str] | None = None) -> InferenceSettings:
@@ -66,9 +148,7 @@ def parse_settings(settings: Dict[str, Any], class_names: List[str] | None = Non
     if unknown:
         raise InvalidSettings(f"unknown inference setting(s) {', '.join(map(repr, unknown))}; "
                               f"valid settings: {', '.join(DEFAULT_SETTINGS)}")
-    if settings.get("inference_mode", "full_image") != "full_image":
-        raise InvalidSettings(f"inference_mode {settings['inference_mode']!r} is not supported; "
-                              "for sliding window use the setting \"mode\": \"sliding\"")
+    window = parse_sdk_window(settings)
     mode = settings.get("mode", DEFAULT_SETTINGS["mode"])
     if mode not in INFERENCE_MODES:
         raise InvalidSettings(f"mode must be one of {', '.join(INFERENCE_MODES)}, got {mode!r}")
@@ -88,7 +168,7 @@ def parse_settings(settings: Dict[str, Any], class_names: List[str] | None = Non
     if unknown:
         raise InvalidSettings(f"unknown class(es) {', '.join(map(repr, unknown))} in \"classes\"; "
                               f"the model predicts {', '.join(class_names)}")
-    return InferenceSettings(mode, float(overlap), tile_batch)
+    return InferenceSettings(mode, float(overlap), tile_batch, window)
 
 
 def _without_null_rectangle(fields: dict, where: str) -> dict:

@@ -3,19 +3,23 @@ checks and overrides, ``serve_app.sdk_adapter``)."""
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List
 
+import numpy as np
 import supervisely as sly
+import torch
 from supervisely.nn.inference.inference import get_hardware_info
 from supervisely.nn.utils import CheckpointInfo, ModelPrecision
 
-from custom_net.inference import INFERENCE_MODES, StageTimes, convert_prediction_to_sly_format
+from custom_net.inference import (INFERENCE_MODES, StageTimes, convert_prediction_to_sly_format, predict_image,
+                                  resize_probabilities)
 from custom_net.predict import Predictor, load_predictor
-from custom_net.preprocessing import read_image_rgb
+from custom_net.preprocessing import read_image_rgb, resize_image
 from custom_net.run_folder import RunFolder
-from serve_app.checks import DEFAULT_SETTINGS, parse_settings
+from serve_app.checks import DEFAULT_SETTINGS, InferenceSettings, parse_settings
 from serve_app.sdk_adapter import SdkAdapter
 
 SDK_PRECISIONS = {"float32": ModelPrecision.FP32, "float16": ModelPrecision.FP16, "int8": ModelPrecision.INT8,
@@ -72,9 +76,11 @@ class UNetModel(SdkAdapter):
     def __init__(self, config: DeployConfig):
         self.config = config
         self.predictor: Predictor | None = None
-        # The SDK's own sliding window cuts images into separate predictions; ours blends tiles ("mode": "sliding").
-        super().__init__(model_dir=config.model_dir, custom_inference_settings=dict(DEFAULT_SETTINGS),
-                         sliding_window_mode="none", use_gui=False)
+        self.default_settings = dict(DEFAULT_SETTINGS)  # what /get_custom_inference_settings answers
+        # "basic": the SDK's sliding window is advertised (get_info's "sliding_window_support") and accepted;
+        # our blended tiles compute it (predict_batch), not the SDK's cutting (see SdkAdapter._inference_batched).
+        super().__init__(model_dir=config.model_dir, custom_inference_settings=self.default_settings,
+                         sliding_window_mode="basic", use_gui=False)
 
     def load_on_device(self, model_dir: str, device: str = "auto") -> None:
         checkpoint = self.config.checkpoint
@@ -98,6 +104,11 @@ class UNetModel(SdkAdapter):
             model_source="Custom models")
         self.model_precision = SDK_PRECISIONS.get(self.predictor.precision, self.predictor.precision)
         self._hardware = get_hardware_info(self.device)
+        # The SDK's sliding window by default = our "sliding" by default: windows of the training size, overlap 0.25.
+        self.default_settings["sliding_window_params"] = {
+            "windowHeight": trained.input_height, "windowWidth": trained.input_width,
+            "overlapY": round(trained.input_height * DEFAULT_SETTINGS["overlap"]),
+            "overlapX": round(trained.input_width * DEFAULT_SETTINGS["overlap"]), "borderStrategy": "shift_window"}
 
     def get_classes(self) -> List[str]:
         return self.classes
@@ -125,8 +136,26 @@ class UNetModel(SdkAdapter):
     def predict_batch(self, images_np: List, settings: Dict[str, Any],
                       times: StageTimes | None = None) -> List[List[sly.nn.PredictionSegmentation]]:
         options = parse_settings(settings, self.classes)
-        masks = self.predictor.masks(list(images_np), options.mode, options.overlap, options.tile_batch_size, times)
+        if options.window is None:
+            masks = self.predictor.masks(list(images_np), options.mode, options.overlap, options.tile_batch_size, times)
+        else:
+            stage = nullcontext() if times is None else times.stage("inference", self.predictor.device)
+            with stage:  # all of it "inference", as the engine times its own sliding window
+                masks = [self._mask_in_sdk_windows(image, options) for image in images_np]
         return [[sly.nn.PredictionSegmentation(mask)] for mask in masks]
+
+    def _mask_in_sdk_windows(self, image: np.ndarray, options: InferenceSettings) -> np.ndarray:
+        """The SDK's sliding window computed by ours: the image scaled so that a window is one model tile (none
+        when the window is the training size), tiles blended, probabilities scaled back as in ``whole``."""
+        trained, predictor = self.predictor.trained, self.predictor
+        height, width = image.shape[:2]
+        scaled_h, scaled_w, overlap = options.window.on_image(height, width, trained.input_height,
+                                                               trained.input_width, self.config.max_pixels)
+        probs = predict_image(predictor.net, resize_image(image, scaled_h, scaled_w), trained.input_height,
+                              trained.input_width, predictor.device, predictor.amp_dtype, "sliding", overlap,
+                              options.tile_batch_size)
+        probs = resize_probabilities(probs, height, width) if (scaled_h, scaled_w) != (height, width) else probs
+        return probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
 
     def predict_benchmark(self, images_np: List, settings: Dict[str, Any]):
         """Predictions and the milliseconds of preprocess, inference and postprocess (the platform's speed test;

@@ -8,7 +8,9 @@ override of its methods and routes is here, written for and tested with supervis
   ids, and an id the platform does not have is a 404; a rectangle must lie inside each image before the SDK
   crops with it;
 - the polling routes (``REQUEST_ROUTES``) need a known ``inference_request_uuid`` (else 400 / 404);
-- results by image id carry ``image_name``, and a refused write of predictions fails the request.
+- results by image id carry ``image_name``, and a refused write of predictions fails the request;
+- the SDK's sliding window (``inference_mode: sliding_window``) is advertised and done by the model's own
+  blended tiles instead of the SDK's cutting (``_inference_batched``).
 """
 from __future__ import annotations
 
@@ -90,7 +92,13 @@ class SdkAdapter(sly.nn.inference.SemanticSegmentation):
             raise
 
     def _inference_batched(self, source, settings, data_to_return):
-        check_rectangle_fits(settings, source)  # before the SDK's crop (a decorator of the parent's method)
+        """Every inference of the SDK's routes but the speed test (which calls ``predict_batch`` itself) comes
+        here, the model taking batches. The parent's decorators crop to the rectangle and, for ``inference_mode:
+        sliding_window``, would cut each image into windows predicted as separate images, whose labels overlap:
+        the SDK's window step is switched off and the model's ``predict_batch`` reads the window settings
+        (``serve_app.checks.SdkWindow``)."""
+        check_rectangle_fits(settings, source)  # before the SDK's crop
+        settings = {**settings, "sliding_window_mode": "none"}
         return super()._inference_batched(source=source, settings=settings, data_to_return=data_to_return)
 
     def _format_output(self, predictions) -> List[dict]:
