@@ -3,9 +3,14 @@
     python bench/quality.py                          # demo project and ../shared/data/lemons_annotated
     python bench/quality.py --datasets membranes     # the synthetic thin-structure set (bench/membranes.py)
     python bench/quality.py --epochs 10 --record     # one budget for all; append the table to bench/RESULTS.md
+    python bench/quality.py --peers smp_unet smp_linknet --seeds 3   # beside smp's Unet / Linknet, 3 seeds
 
-Trained from scratch (no ImageNet weights: nothing is downloaded), batch 8, seed 0. Reports the
-final mean foreground IoU on the validation split and the wall-clock time of each run.
+Trained from scratch (no ImageNet weights: nothing is downloaded), batch 8, seed 0 (--seeds N: seeds
+0..N-1, mean ± sample stdev; a seed also draws a random split). Reports the final mean foreground IoU on
+the validation split and the wall-clock time of each run; with --peers also the best IoU over the epochs.
+Peers (bench/peers.py; pip install -r requirements-dev.txt) train on the same data, split, size, epochs,
+batch and seed with their own recipe; they do not depend on --models, so each trains once per dataset and
+seed and is shown on every model's row. Our times include the engine's per-epoch checkpoints and charts.
 
 Budgets are in epochs, the same for every architecture and recipe on a dataset. By default 10, except
 on lemons: its 5 training images make one iteration per epoch, so it gets 40 epochs, the 40 iterations
@@ -15,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from membranes import build as build_membranes
+from peers import PEERS, RECIPE as PEER_RECIPE, outcome, train_peer
 
 from custom_net.demo import demo_project_dir
 from custom_net.model import model_list
@@ -49,52 +56,122 @@ def datasets(names: list[str], scratch: Path) -> dict[str, tuple[Path, list[str]
     return found
 
 
-def run(project: Path, flags: list[str], model: str, recipe: str, epochs: int, output: Path) -> dict:
-    argv = ["--project-dir", str(project), "--model", model, "--encoder-weights", "none", "--epochs", str(epochs),
-            "--batch-size", "8", "--seed", "0", "--output", str(output), "--vis-count", "0",
-            "--checkpoint-interval", "0", "--no-eval", *flags, *RECIPES[recipe]]
+class History(Reporter):
+    """Our run's validation records, for the final and the best IoU."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[dict] = []
+
+    def epoch_end(self, epoch: int, record: dict) -> None:
+        self.records.append(record)
+
+
+def engine_argv(project: Path, flags: list[str], epochs: int, seed: int, output: Path) -> list[str]:
+    """custom_net.train's flags that every recipe and peer shares on a dataset."""
+    return ["--project-dir", str(project), "--encoder-weights", "none", "--epochs", str(epochs), "--batch-size", "8",
+            "--seed", str(seed), "--output", str(output), "--vis-count", "0", "--checkpoint-interval", "0",
+            "--no-eval", *flags]
+
+
+def run(shared: list[str], model: str, recipe: str) -> dict:
+    history = History()
     start = time.perf_counter()
-    summary = train(argv, reporter=Reporter())
-    final = summary["final"]
-    return {"iou": final["mean_fg_iou"], "seconds": time.perf_counter() - start, "collapsed": final.get("collapsed_to")}
+    train([*shared, "--model", model, *RECIPES[recipe]], reporter=history)
+    return outcome(history.records, time.perf_counter() - start)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["demo", "lemons"], choices=("demo", "lemons", "membranes"))
     parser.add_argument("--models", nargs="+", default=list(model_list), choices=list(model_list))
     parser.add_argument("--epochs", type=int, help="one budget for every dataset (default: per dataset, see above)")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
                         help="e.g. only 'defaults' after a change that leaves --preset original as it was")
+    parser.add_argument("--peers", nargs="+", default=[], choices=list(PEERS),
+                        help=f"other libraries' models beside ours ({PEER_RECIPE})")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per run; N > 1 reports mean ± stdev")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    return args
 
-    rows = ["| dataset | epochs | model | defaults IoU | time | original IoU | time | defaults win |",
-            "|---|---|---|---|---|---|---|---|"]
+
+def main() -> None:
+    args = parse_args()
+    columns = [*args.recipes, *args.peers]
+    rows = table_header(columns, args)
+    amp = set()
     with tempfile.TemporaryDirectory() as tmp:
         for name, (project, flags) in datasets(args.datasets, Path(tmp)).items():
             epochs = args.epochs or DEFAULT_EPOCHS[name]
+            shared = [engine_argv(project, flags, epochs, seed, Path(tmp) / f"{name}_{seed}")
+                      for seed in range(args.seeds)]  # the engine picks a free folder name beside it for each run
+            peer_runs = {peer: [train_peer(peer, argv) for argv in shared] for peer in args.peers}
+            amp |= {r["amp"] for runs in peer_runs.values() for r in runs}
             for model in args.models:
-                result = {recipe: run(project, flags, model, recipe, epochs, Path(tmp) / f"{name}_{model}_{recipe}")
-                          for recipe in args.recipes}
-                d, o = result.get("defaults"), result.get("original")
-
-                def cells(r):
-                    if r is None:
-                        return "not run | -"
-                    return f"{r['iou']:.3f}" + (f" (only {r['collapsed']})" if r["collapsed"] else "") + f" | {r['seconds']:.0f} s"
-                verdict = ("✅" if d["iou"] > o["iou"] and not d["collapsed"] else "❌") if d and o else "-"
-                row = f"| {name} | {epochs} | {model} | {cells(d)} | {cells(o)} | {verdict} |"
-                rows.append(row)
-                print(row, flush=True)
-    command = (f"python bench/quality.py --datasets {' '.join(args.datasets)}" + (f" --epochs {args.epochs}" if args.epochs else "")
-               + (f" --recipes {' '.join(args.recipes)}" if args.recipes != list(RECIPES) else ""))
-    header = f"## Quality: from scratch, batch 8, seed 0 — {datetime.date.today().isoformat()}\n\n`{command}`\n\n"
-    text = header + "\n".join(rows)
+                runs = {recipe: [run(argv, model, recipe) for argv in shared] for recipe in args.recipes}
+                rows.append(table_row(name, epochs, model, {**runs, **peer_runs}, args))
+                print(rows[-1], flush=True)
+    text = title(args, amp) + "\n".join(rows)
     print("\n" + text)
     if args.record:
         with open(Path(__file__).with_name("RESULTS.md"), "a", encoding="utf-8") as f:
             f.write("\n" + text + "\n")
+
+
+def title(args: argparse.Namespace, peer_amp: set[str]) -> str:
+    command = (f"python bench/quality.py --datasets {' '.join(args.datasets)}"
+               + (f" --epochs {args.epochs}" if args.epochs else "")
+               + (f" --recipes {' '.join(args.recipes)}" if args.recipes != list(RECIPES) else "")
+               + (f" --peers {' '.join(args.peers)}" if args.peers else "")
+               + (f" --seeds {args.seeds}" if args.seeds > 1 else ""))
+    seeds = "seed 0" if args.seeds == 1 else f"seeds 0–{args.seeds - 1}, mean ± stdev"
+    peers = f"; peers: {PEER_RECIPE}, in {', '.join(sorted(peer_amp))} as ours" if args.peers else ""
+    today = datetime.date.today().isoformat()
+    return f"## Quality: from scratch, batch 8, {seeds}{peers} — {today}\n\n`{command}`\n\n"
+
+
+def table_header(columns: list[str], args: argparse.Namespace) -> list[str]:
+    iou = "IoU (best)" if args.peers else "IoU"
+    verdicts = verdict_names(args)
+    names = ["dataset", "epochs", "model", *(f"{c} {iou} | time" for c in columns), *verdicts]
+    return ["| " + " | ".join(names) + " |", "|---|---|---|" + "---|---|" * len(columns) + "---|" * len(verdicts)]
+
+
+def verdict_names(args: argparse.Namespace) -> list[str]:
+    names = ["defaults win"] if set(args.recipes) == set(RECIPES) else []
+    return names + (["defaults ≥ peers"] if args.peers and "defaults" in args.recipes else [])
+
+
+def table_row(name: str, epochs: int, model: str, runs: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    cells = [cell(r, show_best=bool(args.peers)) for r in runs.values()]
+    final = {column: statistics.fmean([r["iou"] for r in rs]) for column, rs in runs.items()}
+    verdicts = []
+    if "defaults win" in verdict_names(args):
+        defaults_held = not any(r["collapsed"] for r in runs["defaults"])
+        verdicts.append("✅" if final["defaults"] > final["original"] and defaults_held else "❌")
+    if "defaults ≥ peers" in verdict_names(args):
+        verdicts.append("✅" if final["defaults"] >= max(final[p] for p in args.peers) else "❌")
+    return "| " + " | ".join([name, str(epochs), model, *cells, *verdicts]) + " |"
+
+
+def cell(runs: list[dict], show_best: bool) -> str:
+    """'IoU | time' of one column: the final IoU (and the best over the epochs), mean ± stdev over seeds."""
+    text = spread([r["iou"] for r in runs])
+    if show_best:
+        text += f" ({spread([r['best'] for r in runs])})"
+    collapsed = [r["collapsed"] for r in runs if r["collapsed"]]
+    if collapsed:
+        text += f" (only {collapsed[0]})" if len(runs) == 1 else f" ({len(collapsed)}/{len(runs)} on one class)"
+    return text + f" | {statistics.fmean([r['seconds'] for r in runs]):.0f} s"
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 if __name__ == "__main__":
