@@ -16,11 +16,16 @@ unknown method answers 404 and is listed in ``platform.unknown``. Fault injectio
 with that status; ``status="drop"`` closes the connection without an answer, ``status="timeout"`` holds
 the request ``platform.stall_seconds`` and then drops it (a client with a shorter read timeout gives up
 first); ``platform.handlers[method] = fn(platform, call) -> (status, body)`` replaces or adds a method.
+
+The SDK's Model Benchmark also creates a workspace and projects (predictions, differences) and copies images
+into them: ``platform.workspaces`` {id: {...}}, ``platform.projects`` {id: {"name", "meta", "workspace_id"}},
+``platform.archived_projects`` (ids removed by ``projects.archive``).
 """
 from __future__ import annotations
 
 import email.parser
 import email.policy
+import itertools
 import json
 import threading
 import time
@@ -35,6 +40,8 @@ from supervisely.api.dataset_api import DatasetApi
 from supervisely.api.file_api import FileApi
 from supervisely.api.image_api import ImageApi
 from supervisely.api.project_api import ProjectApi
+from supervisely.api.user_api import UserApi
+from supervisely.api.workspace_api import WorkspaceApi
 
 API_PREFIX = "/public/api/v3/"
 
@@ -61,6 +68,18 @@ def _info(api_class, **values) -> dict:
             out.setdefault(name, None)
     out.update(values)
     return out
+
+
+def _filtered(entities: list[dict], filters) -> list[dict] | None:
+    """The entities (JSON infos) meeting every ``{"field", "operator": "=" | "in", "value"}`` condition, as the
+    platform's list methods filter; None for a condition the loopback does not know (the caller answers 400)."""
+    tests = {"=": lambda value, wanted: value == wanted, "in": lambda value, wanted: value in wanted}
+    for condition in filters or []:
+        test = tests.get(condition.get("operator"))
+        if test is None or "field" not in condition or "value" not in condition:
+            return None
+        entities = [e for e in entities if test(e.get(condition["field"]), condition["value"])]
+    return entities
 
 
 def _multipart(content_type: str, body: bytes) -> list[tuple[str, str | None, bytes]]:
@@ -91,6 +110,9 @@ class LoopbackPlatform:
         self.task_outputs: list[dict] = []
         self.task_fields: list[dict] = []
         self.project_settings: dict | None = None  # the last projects.settings.update
+        self.workspaces = {workspace_id: {"name": "Main", "description": "", "hidden": False}}
+        self.archived_projects: list[int] = []
+        self._label_ids = itertools.count(1)  # the platform gives every stored label an id
         self._faults: dict[str, list[int | str]] = defaultdict(list)
         self.stall_seconds = 2.0
         self._lock = threading.Lock()
@@ -106,6 +128,10 @@ class LoopbackPlatform:
             "file-storage.list": self._files_list, "file-storage.bulk.upload": self._files_upload,
             "file-storage.download": self._files_download,
             "tasks.output.set": self._task_output, "tasks.data.set": self._task_data,
+            # Model Benchmark (train_app.model_benchmark): its workspace, projects, the report's author
+            "workspaces.list": self._workspaces_list, "workspaces.add": self._workspaces_add,
+            "workspaces.visibility.set": self._workspaces_visibility, "projects.list": self._projects_list,
+            "projects.add": self._projects_add, "projects.archive": self._projects_archive, "users.me": self._users_me,
             # asked by the SDK when a call fails, to word its error message
             "instance.version": lambda call: (200, {"version": self.instance_version}),
         }
@@ -143,10 +169,11 @@ class LoopbackPlatform:
     def meta_json(self, meta: dict) -> None:
         self.projects[self.project_id]["meta"] = meta
 
-    def add_project(self, name: str) -> int:
+    def add_project(self, name: str, workspace_id: int | None = None) -> int:
         """An empty image project (for writes into another project); its id."""
         project_id = max(self.projects) + 1
-        self.projects[project_id] = {"name": name, "meta": sly.ProjectMeta().to_json()}
+        self.projects[project_id] = {"name": name, "meta": sly.ProjectMeta().to_json(),
+                                     "workspace_id": workspace_id or self.workspace_id}
         return project_id
 
     def _load_project(self, project_dir) -> None:
@@ -179,13 +206,15 @@ class LoopbackPlatform:
         project_id = call.body.get("id")
         if project_id not in self.projects:
             return 404, {"error": "project not found"}
+        return 200, self._project_info(project_id)
+
+    def _project_info(self, project_id: int) -> dict:
         datasets = [ds["id"] for ds in self.datasets if ds["project_id"] == project_id]
-        return 200, _info(ProjectApi, id=project_id, name=self.projects[project_id]["name"], type="images",
-                          workspaceId=self.workspace_id, teamId=self.team_id,
-                          imagesCount=sum(img["dataset_id"] in datasets for img in self.images.values()),
-                          datasetsCount=len(datasets), updatedAt=self.updated_at,
-                          createdAt="2026-01-01T00:00:00.000Z", description="", readme="", customData={},
-                          settings={})
+        return _info(ProjectApi, id=project_id, name=self.projects[project_id]["name"], type="images",
+                     workspaceId=self.projects[project_id].get("workspace_id", self.workspace_id), teamId=self.team_id,
+                     imagesCount=sum(img["dataset_id"] in datasets for img in self.images.values()),
+                     datasetsCount=len(datasets), updatedAt=self.updated_at,
+                     createdAt="2026-01-01T00:00:00.000Z", description="", readme="", customData={}, settings={})
 
     def _projects_meta(self, call):
         project = self._project(call)
@@ -211,12 +240,11 @@ class LoopbackPlatform:
                      createdAt="2026-01-01T00:00:00.000Z", updatedAt=self.updated_at)  # dict fields: unhashable
 
     def _datasets_list(self, call):
-        """A project's datasets; of those, only the one named by a ``name = ...`` filter."""
+        """A project's datasets, filtered (``name`` / ``id``, ``=`` / ``in``)."""
         datasets = [ds for ds in self.datasets if ds["project_id"] == call.body.get("projectId", self.project_id)]
-        for condition in call.body.get("filter") or []:
-            if condition.get("field") == "name" and condition.get("operator") == "=":
-                datasets = [ds for ds in datasets if ds["name"] == condition["value"]]
-        entities = [self._dataset_info(ds) for ds in datasets]
+        entities = _filtered([self._dataset_info(ds) for ds in datasets], call.body.get("filter"))
+        if entities is None:
+            return 400, {"error": f"unsupported filter {call.body.get('filter')}"}
         return 200, {"total": len(entities), "perPage": 500, "pagesCount": 1, "entities": entities}
 
     def _datasets_add(self, call):
@@ -241,13 +269,12 @@ class LoopbackPlatform:
                      updatedAt=self.updated_at, fullStorageUrl=f"{self.url}/img/{image_id}")
 
     def _images_list(self, call):
-        """A dataset's images; of those, only the ids asked for with an ``id in [...]`` filter."""
+        """A dataset's images, filtered (``name`` / ``id``, ``=`` / ``in``); one page (``after``: no next)."""
         images = self._dataset_images(call.body.get("datasetId"))
-        for condition in call.body.get("filter") or []:
-            if condition.get("field") == "id" and condition.get("operator") == "in":
-                images = {i: img for i, img in images.items() if i in condition["value"]}
-        entities = [self._image_info(i, img) for i, img in images.items()]
-        return 200, {"total": len(entities), "perPage": 500, "pagesCount": 1, "entities": entities}
+        entities = _filtered([self._image_info(i, img) for i, img in images.items()], call.body.get("filter"))
+        if entities is None:
+            return 400, {"error": f"unsupported filter {call.body.get('filter')}"}
+        return 200, {"total": len(entities), "perPage": 500, "pagesCount": 1, "entities": entities, "after": None}
 
     def _images_info(self, call):
         image_id = call.body.get("id")
@@ -314,8 +341,78 @@ class LoopbackPlatform:
                     return 400, {"error": f"image {entry['imageId']}: class {label.get('classTitle')!r} "
                                           f"({label.get('geometryType')}) is not in the project's meta"}
         for entry in call.body["annotations"]:
-            self.images[entry["imageId"]]["ann"] = entry["annotation"]
+            objects = [{**obj, "id": next(self._label_ids)} for obj in entry["annotation"].get("objects", [])]
+            self.images[entry["imageId"]]["ann"] = {**entry["annotation"], "objects": objects}
         return 200, {"success": True}
+
+    # ---- Model Benchmark: workspaces, projects the SDK creates and archives, the user
+    def _page(self, entities: list) -> dict:
+        return {"total": len(entities), "perPage": 500, "pagesCount": 1, "entities": entities}
+
+    def _workspace_info(self, workspace_id: int) -> dict:
+        ws = self.workspaces[workspace_id]
+        return _info(WorkspaceApi, id=workspace_id, name=ws["name"], description=ws["description"], teamId=self.team_id,
+                     createdAt="2026-01-01T00:00:00.000Z", updatedAt=self.updated_at)
+
+    def _workspaces_list(self, call):
+        if call.body.get("teamId") != self.team_id:
+            return 404, {"error": f"team {call.body.get('teamId')} not found"}
+        found = _filtered([self._workspace_info(i) for i in self.workspaces], call.body.get("filter"))
+        return (400, {"error": "unsupported filter"}) if found is None else (200, self._page(found))
+
+    def _workspaces_add(self, call):
+        name = call.body.get("name")
+        if call.body.get("teamId") != self.team_id:
+            return 404, {"error": f"team {call.body.get('teamId')} not found"}
+        if not name or any(ws["name"] == name for ws in self.workspaces.values()):
+            return 400, {"error": f"workspace name {name!r} is empty or taken"}
+        workspace_id = max(self.workspaces) + 1
+        self.workspaces[workspace_id] = {"name": name, "description": call.body.get("description") or "", "hidden": False}
+        return 200, self._workspace_info(workspace_id)
+
+    def _workspaces_visibility(self, call):
+        ws = self.workspaces.get(call.body.get("id"))
+        if ws is None:
+            return 404, {"error": "workspace not found"}
+        if not isinstance(call.body.get("hidden"), bool):
+            return 400, {"error": "hidden must be true or false"}
+        ws["hidden"] = call.body["hidden"]
+        return 200, {"success": True}
+
+    def _projects_list(self, call):
+        """The projects of ``workspaceId`` (or of the team, ``groupId``), filtered."""
+        workspace_id, team_id = call.body.get("workspaceId"), call.body.get("groupId", self.team_id)
+        if team_id != self.team_id or workspace_id not in (None, *self.workspaces):
+            return 404, {"error": "workspace or team not found"}
+        infos = [self._project_info(i) for i in self.projects]
+        found = _filtered([i for i in infos if workspace_id in (None, i["workspaceId"])], call.body.get("filter"))
+        return (400, {"error": "unsupported filter"}) if found is None else (200, self._page(found))
+
+    def _projects_add(self, call):
+        workspace_id, name = call.body.get("workspaceId"), call.body.get("name")
+        if workspace_id not in self.workspaces:
+            return 404, {"error": "workspace not found"}
+        if call.body.get("type") != "images":
+            return 400, {"error": f"project type {call.body.get('type')!r}: the loopback holds image projects"}
+        if not name or any(p["name"] == name and p.get("workspace_id") == workspace_id for p in self.projects.values()):
+            return 400, {"error": f"project name {name!r} is empty or taken in workspace {workspace_id}"}
+        return 200, self._project_info(self.add_project(name, workspace_id))
+
+    def _projects_archive(self, call):
+        """``api.project.remove``: the project leaves the lists, with its datasets and images."""
+        project_id = call.body.get("id")
+        if project_id not in self.projects:
+            return 404, {"error": "project not found"}
+        del self.projects[project_id]
+        gone = {ds["id"] for ds in self.datasets if ds["project_id"] == project_id}
+        self.datasets[:] = [ds for ds in self.datasets if ds["id"] not in gone]
+        for image_id in [i for i, img in self.images.items() if img["dataset_id"] in gone]:
+            del self.images[image_id]
+        self.archived_projects.append(project_id)
+        return 200, {"success": True}
+
+    def _users_me(self, call):
+        return 200, _info(UserApi, id=1, login="loopback", name="Loopback", role="admin", email="", disabled=False)
 
     # ---- Team Files
     def _file_info(self, path: str) -> dict:
