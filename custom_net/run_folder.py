@@ -95,6 +95,14 @@ class RunFolder:
         return self.root / "open_app.lnk"
 
     @property
+    def experiment_info(self):  # the dashboard's: the platform's Experiments table reads it (ExperimentInfo)
+        return self.root / "experiment_info.json"
+
+    @property
+    def model_meta(self):  # the dashboard's: the model's classes as a ProjectMeta, for the Experiments table
+        return self.root / "model_meta.json"
+
+    @property
     def upload_state(self):  # the dashboard's: the Team Files folder the run uploads to (itself not uploaded)
         return self.root / ".unet_upload.json"
 

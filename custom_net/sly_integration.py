@@ -4,16 +4,36 @@ The train dashboard runs ``custom_net.train.main(argv, reporter=DashboardReporte
 worker thread. The engine never touches widgets: it posts events here, and the app's UI loop
 calls ``drain()`` and updates progress bars, charts and the predictions gallery from them.
 The dashboard's Stop button calls ``request_stop()``; the engine then saves the last checkpoint
-and returns.
+and returns. Also the gate both apps ask before recording workflow nodes on the platform.
 """
 from __future__ import annotations
 
+import logging
 import queue
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
 
 from custom_net.reporting import EventSink, Reporter
+
+WORKFLOW_MIN_VERSION = "6.9.31"  # the SDK's first platform version with workflow nodes
+logger = logging.getLogger(__name__)
+
+
+def workflow_supported(api) -> bool:
+    """Workflow nodes are recorded only where the platform has them (and the SDK has them enabled: not in
+    development mode); elsewhere one debug line says why, and nothing else happens."""
+    version = api.instance_version
+    try:
+        supported = version not in (None, "unknown") and Version(version) >= Version(WORKFLOW_MIN_VERSION)
+    except InvalidVersion:
+        supported = False
+    enabled = api.app.workflow.is_enabled()
+    if not (supported and enabled):
+        logger.debug("workflow: not recorded (platform version %s; workflow %s)", version,
+                     "enabled" if enabled else "disabled in development mode")
+    return supported and enabled
 
 
 class DashboardReporter(EventSink):

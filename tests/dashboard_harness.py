@@ -88,7 +88,7 @@ class DashboardServer:
         text = self.data()[f"s{step:02d}_status"]
         return ("hidden", "") if text.get("hide") else (text["status"], text["text"])
 
-    def wait_phase(self, done=lambda phase: phase not in ("running", "stopping", "uploading"), timeout=240) -> str:
+    def wait_phase(self, done=lambda phase: phase not in ("running", "stopping", "uploading", "benchmarking"), timeout=240) -> str:
         deadline = time.time() + timeout
         while time.time() < deadline:
             phase = self.text("s07_phase")

@@ -23,6 +23,7 @@ into them: ``platform.workspaces`` {id: {...}}, ``platform.projects`` {id: {"nam
 """
 from __future__ import annotations
 
+import dataclasses
 import email.parser
 import email.policy
 import itertools
@@ -99,7 +100,7 @@ class LoopbackPlatform:
 
     def __init__(self, project_dir: str | Path | None = None, *, team_id: int = 7, workspace_id: int = 8,
                  project_id: int = 10, token: str = "loopback-token", updated_at: str = "2026-01-01T00:00:00.000Z",
-                 instance_version: str = "6.14.0"):
+                 instance_version: str = "6.18.3"):  # the SDK's MINIMUM_INSTANCE_VERSION_FOR_SDK
         self.team_id, self.workspace_id, self.project_id, self.token = team_id, workspace_id, project_id, token
         self.instance_version = instance_version
         self.updated_at = updated_at
@@ -109,6 +110,7 @@ class LoopbackPlatform:
         self.stored: list[str] = []  # every Team Files path written, in order (a path twice: uploaded twice)
         self.task_outputs: list[dict] = []
         self.task_fields: list[dict] = []
+        self.workflow: list[dict] = []  # workflow nodes added: {"direction": "input"|"output", **request body}
         self.project_settings: dict | None = None  # the last projects.settings.update
         self.workspaces = {workspace_id: {"name": "Main", "description": "", "hidden": False}}
         self.archived_projects: list[int] = []
@@ -127,7 +129,11 @@ class LoopbackPlatform:
             "annotations.bulk.info": self._annotations_bulk, "annotations.bulk.add": self._annotations_add,
             "file-storage.list": self._files_list, "file-storage.bulk.upload": self._files_upload,
             "file-storage.download": self._files_download,
-            "tasks.output.set": self._task_output, "tasks.data.set": self._task_data,
+            "tasks.output.set": self._task_output, "tasks.data.set": self._task_data, "tasks.info": self._task_info,
+            "tasks.data.get": self._task_data_get, "tasks.app-v2.data.set": self._app_content,
+            "tasks.meta.update": self._task_meta,
+            "workflow.node.add-input": self._workflow_node("input"),
+            "workflow.node.add-output": self._workflow_node("output"),
             # Model Benchmark (train_app.model_benchmark): its workspace, projects, the report's author
             "workspaces.list": self._workspaces_list, "workspaces.add": self._workspaces_add,
             "workspaces.visibility.set": self._workspaces_visibility, "projects.list": self._projects_list,
@@ -213,7 +219,9 @@ class LoopbackPlatform:
         return _info(ProjectApi, id=project_id, name=self.projects[project_id]["name"], type="images",
                      workspaceId=self.projects[project_id].get("workspace_id", self.workspace_id), teamId=self.team_id,
                      imagesCount=sum(img["dataset_id"] in datasets for img in self.images.values()),
-                     datasetsCount=len(datasets), updatedAt=self.updated_at,
+                     datasetsCount=len(datasets), updatedAt=self.updated_at, referenceImageUrl=next(
+                         (f"{self.url}/previews/{i}.png" for i, img in self.images.items() if img["dataset_id"] in datasets),
+                         None),
                      createdAt="2026-01-01T00:00:00.000Z", description="", readme="", customData={}, settings={})
 
     def _projects_meta(self, call):
@@ -460,12 +468,83 @@ class LoopbackPlatform:
         return 200, stored
 
     def _task_output(self, call):
+        """A folder (``general``) or an experiment (``experiment.data``: ExperimentInfo's fields, its files in
+        Team Files) as the task's output."""
+        output = call.body.get("output") or {}
+        if not isinstance(call.body.get("taskId"), int) or not output:
+            return 400, {"error": "taskId and output are required"}
+        if "experiment" in output:
+            problem = self._experiment_problem(output["experiment"].get("data") or {})
+            if problem:
+                return 400, {"error": f"experiment: {problem}"}
         self.task_outputs.append(call.body)
         return 200, {"success": True}
+
+    def _experiment_problem(self, info: dict) -> str | None:
+        """What the Experiments table could not show or serve: a missing field, a file not in Team Files."""
+        from supervisely.nn.experiments import ExperimentInfo  # its dataclass fields are the table's columns
+        required = [f for f, spec in ExperimentInfo.__dataclass_fields__.items()
+                    if spec.default is dataclasses.MISSING]
+        missing = [f for f in required if info.get(f) in (None, "")]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        root = info["artifacts_dir"].rstrip("/") + "/"
+        files = [info["hyperparameters"], info["model_meta"], *info["checkpoints"], *info["model_files"].values()]
+        absent = [f for f in files if root + f.lstrip("/") not in self.files]
+        if absent:
+            return f"not in Team Files under {root}: {', '.join(absent)}"
+        if info["best_checkpoint"] not in {Path(c).name for c in info["checkpoints"]}:
+            return f"best_checkpoint {info['best_checkpoint']} is not among the checkpoints"
+        return None
+
+    def _task_info(self, call):
+        task_id = call.body.get("id")
+        if not isinstance(task_id, int):
+            return 400, {"error": "id is required"}
+        return 200, {"id": task_id, "teamId": self.team_id, "workspaceId": self.workspace_id,
+                     "startedAt": "2026-01-01T00:00:00.000Z", "status": "started",
+                     "meta": {"app": {"id": 77, "name": "Train UNet", "version": "test"}}}
+
+    def _workflow_node(self, direction: str):
+        """workflow.node.add-input / add-output: a project, file or model weight of this team, for a task node."""
+        def handle(call):
+            body = call.body
+            kind, node = body.get("type"), body.get("node") or {}
+            if body.get("teamId") != self.team_id or node.get("type") != "task" or not isinstance(node.get("id"), int):
+                return 400, {"error": "teamId and node {type: task, id} are required"}
+            known = {"project": set(self.projects), "file": {self._file_info(p)["id"] for p in self.files}}
+            known["model_weight"] = known["file"]
+            if kind not in known or body.get("id") not in known[kind]:
+                return 404, {"error": f"{kind} {body.get('id')} not found"}
+            self.workflow.append({"direction": direction, **body})
+            return 200, {"success": True}
+        return handle
 
     def _task_data(self, call):
         self.task_fields.append(call.body)
         return 200, {"success": True}
+
+    def _app_content(self, call):
+        """tasks.app-v2.data.set: a production app's widget data patches and state, pushed to the page."""
+        body = call.body
+        if not isinstance(body.get("taskId"), int) or not isinstance(body.get("payload"), dict):
+            return 400, {"error": "taskId and payload are required"}
+        return 200, {"success": True}
+
+    def _task_meta(self, call):
+        """tasks.meta.update: what a production app records at shutdown (its page's files for offline viewing)."""
+        if not isinstance(call.body.get("id"), int) or not isinstance(call.body.get("data"), dict):
+            return 400, {"error": "id and data are required"}
+        return 200, {"success": True}
+
+    def _task_data_get(self, call):
+        """The task's fields, as tasks.data.set left them (only the last value of each; nested paths not split)."""
+        task_id, fields = call.body.get("taskId"), call.body.get("fields")
+        if not isinstance(task_id, int) or not isinstance(fields, list):
+            return 400, {"error": "taskId and fields are required"}
+        values = {entry["field"]: entry.get("payload") for body in self.task_fields if body.get("taskId") == task_id
+                  for entry in body.get("fields", [])}
+        return 200, {field: values.get(field) for field in fields}
 
     # ---- HTTP
     def _request_handler(self):

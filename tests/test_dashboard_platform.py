@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
+import requests
 
 from tests.dashboard_harness import DashboardServer
 from tests.sly_loopback import LoopbackPlatform
@@ -97,7 +99,8 @@ def test_train_and_upload_the_artifact_tree(app, platform):
     app.click("s05_apply", s05_model={"selectedRow": 0}, s05_weights={"value": "none"})
     app.click("s06_apply", s06_input_height={"value": "64"}, s06_input_width={"value": "64"},
               s06_epochs={"value": "1"}, s06_batch_size={"value": "4"}, s06_gpu_id={"value": ["cpu"]},
-              s06_speed_test={"value": False}, s06_experiment={"value": "exp"})
+              s06_speed_test={"value": False}, s06_experiment={"value": "exp"},
+              s06_benchmark={"value": False}, s06_stop_app={"value": False})  # the app serves the tests below
     for step in range(2, 7):
         assert app.status(step)[0] == "success", (step, app.status(step))
     app.click("s07_train")
@@ -111,8 +114,9 @@ def test_train_and_upload_the_artifact_tree(app, platform):
     assert json.loads((run_dir / ".unet_upload.json").read_text()) == {"remote_dir": f"/unet/{TASK_ID}_exp/"}
     uploaded = {path[len(remote):]: data for path, data in platform.files.items() if path.startswith(remote)}
     assert set(uploaded) == set(local) and all(uploaded[k] == local[k] for k in local)  # byte-identical
+    assert_experiment(platform, remote, model="UNet", benchmark=False)
     for name in ("checkpoints/model_001_best.pth", "info/ui_state.json", "info/model_classes.json", "open_app.lnk",
-                 "eval/report.html", "eval/metrics.json"):
+                 "eval/report.html", "eval/metrics.json", "model_meta.json"):
         assert name in uploaded, name
     assert "eval/speed.json" not in uploaded  # the speed test was switched off
     # the report is named where the user finds it: in Team Files, inside the uploaded folder
@@ -122,11 +126,41 @@ def test_train_and_upload_the_artifact_tree(app, platform):
     assert uploaded["open_app.lnk"].decode().strip() == f"{platform.url}/apps/sessions/{TASK_ID}"
     upload = app.data()["s07_upload"]
     assert upload["percent"] == 100
-    # the task output names the folder
-    assert len(platform.task_outputs) == 1
-    output = platform.task_outputs[0]
-    assert output["taskId"] == TASK_ID and output["output"]["general"]["title"] == remote
+    # the task output names the folder, then the experiment (the loopback refuses an invalid one)
+    general, experiment = platform.task_outputs
+    assert general["taskId"] == TASK_ID and general["output"]["general"]["title"] == remote
+    assert experiment["output"]["experiment"]["data"]["artifacts_dir"] == remote
+    # workflow is off in a development environment (ENV unset): not a single workflow call, only a debug line
+    assert not [m for m in platform.methods() if m.startswith("workflow.")] and platform.workflow == []
     assert platform.unknown == []
+    assert app.process.poll() is None  # "Stop the app when done" was switched off
+
+
+def assert_experiment(platform, remote: str, model: str, benchmark: bool) -> dict:
+    """experiment_info.json beside the checkpoints, as the SDK's ExperimentInfo reads it, agreeing with the run."""
+    from supervisely.nn.experiments import ExperimentInfo
+    info = json.loads(platform.files[remote + "experiment_info.json"])
+    experiment = ExperimentInfo(**info)  # raises when a required field is missing
+    assert experiment.framework_name == "UNet" and experiment.task_type == "semantic segmentation"
+    assert experiment.model_name == model and experiment.task_id == TASK_ID
+    assert experiment.project_id == platform.project_id and experiment.artifacts_dir == remote
+    for path in [*experiment.checkpoints, experiment.hyperparameters, experiment.model_meta, experiment.app_state]:
+        assert remote + path in platform.files, path
+    assert experiment.best_checkpoint in {p.split("/")[-1] for p in experiment.checkpoints}
+    assert "best" in experiment.best_checkpoint
+    train_set = json.loads(platform.files[remote + "info/train_set.json"])
+    val_set = json.loads(platform.files[remote + "info/val_set.json"])
+    assert (experiment.train_size, experiment.val_size) == (len(train_set), len(val_set))
+    assert json.loads(platform.files[remote + experiment.hyperparameters])["model"] == model
+    meta = json.loads(platform.files[remote + experiment.model_meta])
+    classes = json.loads(platform.files[remote + "info/model_classes.json"])
+    assert [c["title"] for c in meta["classes"]] == [c["title"] for c in classes]
+    if benchmark:
+        assert experiment.evaluation_report_id is not None and experiment.evaluation_metrics
+    else:  # our own evaluation's headline, which eval/metrics.json holds
+        headline = json.loads(platform.files[remote + "eval/metrics.json"])["headline"]
+        assert experiment.evaluation_report_id is None and experiment.evaluation_metrics == headline
+    return info
 
 
 def test_upload_that_gives_up_keeps_the_run_and_shows_the_command(app, platform):
@@ -167,3 +201,91 @@ def test_custom_weights_from_team_files_bring_their_classes(app, platform):
     local = app.data_dir / "team_files" / "unet" / f"{TASK_ID}_exp"
     assert (local / "checkpoints" / "model_001_best.pth").read_bytes() == platform.files[remote]
     assert (local / "info" / "model_classes.json").read_bytes() == platform.files[f"/unet/{TASK_ID}_exp/info/model_classes.json"]
+
+
+def test_a_failed_benchmark_and_a_refused_experiment_keep_the_uploaded_run(app, platform):
+    """After the tests above (step 05 holds custom weights): the benchmark cannot find the validation images and
+    the platform refuses the experiment; the run is uploaded all the same, the card says what failed, the app
+    stays up for the user to read it."""
+    platform.fail("images.list", status=400)  # not a transient status: no retry
+    set_output = platform.handlers["tasks.output.set"]
+    platform.handlers["tasks.output.set"] = lambda call: (
+        (400, {"error": "experiments are not enabled"}) if "experiment" in call.body["output"] else set_output(call))
+    try:
+        app.click("s06_apply", s06_input_height={"value": "64"}, s06_input_width={"value": "64"},
+                  s06_epochs={"value": "1"}, s06_batch_size={"value": "4"}, s06_gpu_id={"value": ["cpu"]},
+                  s06_speed_test={"value": False}, s06_experiment={"value": "faults"},
+                  s06_benchmark={"value": True}, s06_stop_app={"value": True})
+        app.click("s07_train")
+        assert app.wait_phase() == "finished", (app.status(7), app.log_tail())
+    finally:
+        platform.handlers["tasks.output.set"] = set_output
+    status, text = app.status(7)
+    assert status == "error", text
+    assert "The Model Benchmark failed" in text and "finding the validation images on the platform failed" in text
+    assert "The run is uploaded but not in the Experiments table" in text and "experiments are not enabled" in text
+    remote = f"/unet/{TASK_ID}_faults/"
+    assert remote + "checkpoints/model_001_best.pth" in platform.files
+    assert remote + "experiment_info.json" in platform.files  # written before the platform refused it
+    assert platform.task_outputs[-1]["output"]["general"]["title"] == remote
+    assert app.data()["s07_benchmark"]["hide"]  # no report link
+    assert app.process.poll() is None
+
+
+def test_a_platform_run_ends_as_the_original_does(tiny_project, tmp_path):
+    """Defaults of a platform run, on a platform with workflow: the experiment is named after the project; after
+    the upload, the Model Benchmark's report, the experiment (linking that report) and the workflow nodes; then
+    the task stops itself."""
+    with LoopbackPlatform(tiny_project) as platform:
+        server = DashboardServer({"SERVER_ADDRESS": platform.url, "API_TOKEN": platform.token, "ENV": "production",
+                                  "TASK_ID": str(TASK_ID), "TEAM_ID": str(platform.team_id),
+                                  "WORKSPACE_ID": str(platform.workspace_id), "PROJECT_ID": str(platform.project_id),
+                                  "SLY_APP_DATA_DIR": str(tmp_path / "data")}, tmp_path / "app.log")
+        try:
+            server.click("s01_load")
+            server.click("s02_apply", s02_method={"value": "datasets"}, s02_train_datasets={"value": ["ds_a"]},
+                         s02_val_datasets={"value": ["ds_b"]})
+            for step in ("s03_apply", "s04_apply"):
+                server.click(step)
+            server.click("s05_apply", s05_model={"selectedRow": 0}, s05_weights={"value": "none"})
+            name = platform.projects[platform.project_id]["name"]
+            assert server.state()["s06_experiment"]["value"] == name  # the project's name, as in the original
+            server.click("s06_apply", s06_input_height={"value": "64"}, s06_input_width={"value": "64"},
+                         s06_epochs={"value": "1"}, s06_batch_size={"value": "4"}, s06_gpu_id={"value": ["cpu"]},
+                         s06_speed_test={"value": False})
+            assert server.status(6)[0] == "success", server.status(6)
+            server.click("s07_train")
+            assert _exit_code_when_stopped(server) == 0, server.log_tail()  # the app stopped itself
+        finally:
+            server.close()
+        assert "Application has been shut down successfully" in server.log_tail(200000)
+        assert platform.task_outputs[-1]["output"]["experiment"]["data"]["project_preview"].startswith(platform.url)
+        remote = f"/unet/{TASK_ID}_{name}/"
+        info = assert_experiment(platform, remote, model="UNet", benchmark=True)
+        report_path = next(p for p in platform.files if p.startswith("/model-benchmark/") and p.endswith("template.vue"))
+        report_id = platform._file_info(report_path)["id"]
+        assert info["evaluation_report_id"] == report_id and info["evaluation_report_link"].endswith(f"id={report_id}")
+        experiment = platform.task_outputs[-1]["output"]["experiment"]["data"]
+        assert experiment["evaluation_report_id"] == report_id and experiment["primary_metric"] == "mIoU"
+        assert 0 <= experiment["evaluation_metrics"]["mIoU"] <= 1
+        best = platform._file_info(remote + "checkpoints/" + info["best_checkpoint"])["id"]
+        nodes = {(n["direction"], n["type"], n["id"]) for n in platform.workflow}
+        assert nodes == {("input", "project", platform.project_id), ("output", "model_weight", best),
+                         ("output", "file", report_id)}, platform.workflow
+        assert all(n["node"] == {"type": "task", "id": TASK_ID} for n in platform.workflow)
+        assert platform.unknown == []
+
+
+def _exit_code_when_stopped(server: DashboardServer, timeout: float = 600) -> int:
+    """Wait for the app to stop itself; fail at once when its run ends without stopping (a failure on the card)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.process.poll() is not None:
+            return server.process.returncode
+        try:
+            phase, (status, text) = server.text("s07_phase"), server.status(7)
+        except requests.ConnectionError:  # stopping right now
+            continue
+        assert phase in ("running", "uploading", "benchmarking") or status == "success", (phase, text)
+        time.sleep(0.5)
+    raise AssertionError(f"the app did not stop in {timeout} s:\n{server.log_tail()}")

@@ -81,7 +81,7 @@ def test_each_run_folder_path_is_defined_once():
     folder = RunFolder("run")
     paths = [folder.train_args, folder.resume_state, folder.model_classes, folder.ui_state, folder.augs_config,
              folder.augs_preview, folder.metrics_log, folder.summary, folder.calibration, folder.open_app_link,
-             folder.upload_state, folder.split_set("train"), folder.vis_items("val")]
+             folder.upload_state, folder.experiment_info, folder.model_meta, folder.split_set("train"), folder.vis_items("val")]
     names = {p.name for p in paths} | {p.relative_to(folder.root).as_posix() for p in paths}
     spelled = [f"{path.relative_to(REPO)}:{line}: {value!r}" for path in SOURCES if path.name != "run_folder.py"
                for line, value in _string_constants(path)

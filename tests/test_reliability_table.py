@@ -131,6 +131,13 @@ FAULTS = [
           "failed upload's bar was left to the garbage collector, whose close on the server's event loop waits "
           "for that loop: the app stopped answering (seen in this test)",
           (DASHBOARD_PLATFORM + "test_custom_weights_from_team_files_bring_their_classes",)),
+    Fault("platform", "Dashboard, after the upload: the Model Benchmark fails (the platform answers 400 to its "
+                      "image listing) and the platform refuses `set_output_experiment`",
+          "The run is uploaded and the task output names its folder; the card keeps its phase `finished` and "
+          "says both: `The Model Benchmark failed: ... finding the validation images on the platform failed ...` "
+          "and `The run is uploaded but not in the Experiments table: ...`; no report link; the app does not stop "
+          "itself, so the card can be read",
+          (DASHBOARD_PLATFORM + "test_a_failed_benchmark_and_a_refused_experiment_keep_the_uploaded_run",)),
     Fault("network", "ImageNet encoder weights asked for with no network (`--encoder-weights imagenet`, empty torch "
                      "cache, downloads refused)",
           "Exit code 2 before anything is written: the message names the file to fetch, where to put it, "

@@ -163,6 +163,21 @@ def test_the_sdks_model_api_predicts_by_id_dataset_project_and_file(server, plat
     assert response.status_code == 200, response.text[:300]
 
 
+def test_the_served_checkpoint_is_the_sessions_workflow_input(server, platform, run, tmp_path):
+    """As the original Serve UNet records it, on a platform with workflow; in development mode (the module's
+    server: ENV unset) not a single workflow call."""
+    assert not [m for m in platform.methods() if m.startswith("workflow.")]
+    checkpoint = f"{REMOTE_RUN}checkpoints/{next((run / 'checkpoints').iterdir()).name}"
+    production = Server(None, tmp_path, {
+        "SERVER_ADDRESS": platform.url, "API_TOKEN": platform.token, "TEAM_ID": str(platform.team_id),
+        "TASK_ID": "31", "ENV": "production", "modal.state.slyFile": checkpoint, "modal.state.device": "cpu"})
+    production.stop()
+    node = next(n for n in platform.workflow if n["node"] == {"type": "task", "id": 31})
+    assert node["direction"] == "input" and node["type"] == "model_weight"
+    assert node["id"] == platform._file_info(checkpoint)["id"]
+    assert node["meta"]["customNodeSettings"]["title"] == "<h4>Serve Custom Model</h4>"
+
+
 def test_the_speedtest_route_times_batches_of_platform_images(server, platform):
     """``/run_speedtest`` (the platform's model benchmark): warm-up, then one timing per batch, split into
     preprocess (resize), inference (the network) and postprocess (probabilities back to size, argmax)."""

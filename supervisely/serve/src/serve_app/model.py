@@ -19,6 +19,7 @@ from custom_net.inference import (INFERENCE_MODES, StageTimes, convert_predictio
 from custom_net.predict import Predictor, load_predictor
 from custom_net.preprocessing import read_image_rgb, resize_image
 from custom_net.run_folder import RunFolder
+from custom_net.sly_integration import workflow_supported
 from serve_app.checks import DEFAULT_SETTINGS, InferenceSettings, parse_settings
 from serve_app.sdk_adapter import SdkAdapter
 
@@ -82,10 +83,19 @@ class UNetModel(SdkAdapter):
         super().__init__(model_dir=config.model_dir, custom_inference_settings=self.default_settings,
                          sliding_window_mode="basic", use_gui=False)
 
+    def _record_workflow_input(self) -> None:
+        """The served Team Files checkpoint as this session's workflow input, as the original Serve UNet records it."""
+        if not workflow_supported(self.api):
+            return
+        node = sly.WorkflowMeta(node_settings=sly.WorkflowSettings(title="Serve Custom Model"))
+        self.api.app.workflow.add_input_file(self.config.checkpoint, model_weight=True, meta=node,
+                                             task_id=sly.env.task_id(raise_not_found=False))
+
     def load_on_device(self, model_dir: str, device: str = "auto") -> None:
         checkpoint = self.config.checkpoint
         if self.config.on_platform:
             checkpoint = download_run_files(self.api, sly.env.team_id(), checkpoint, Path(model_dir) / "run")
+            self._record_workflow_input()
         self.predictor = load_predictor(checkpoint, device, self.config.runtime, self.config.amp,
                                         onnx_path=Path(model_dir) / "model.onnx")
         self.device = str(self.predictor.device)

@@ -28,6 +28,7 @@ class Dashboard:
                     status="info", widget_id="app_mode")
         self.app = sly.Application(layout=Container([mode, *(s.card for s in self.steps)]))
         self.app.call_before_shutdown(self.train_step.shutdown)
+        self.train_step.stop_app = self.app.stop
 
     @classmethod
     def from_env(cls) -> "Dashboard":

@@ -68,9 +68,10 @@ def backoff(api: sly.Api, attempt: int) -> float:
 
 
 @_platform_call("downloading the project")
-def download_project(env: Environment, progress: Callable[[int, int], None]) -> tuple[Path, bool]:
+def download_project(env: Environment, progress: Callable[[int, int], None]) -> tuple[Path, bool, str]:
     """The project in ``data_dir/projects/<id>``; downloaded only when the cached copy is older than the
-    project on the platform. Returns (folder, downloaded). ``progress(done, total)`` counts images."""
+    project on the platform. Returns (folder, downloaded, the project's name on the platform).
+    ``progress(done, total)`` counts images."""
     if env.project_id is None:
         raise ValueError("no project: start the app from an image project's context menu")
     info = env.api.project.get_info_by_id(env.project_id)
@@ -80,7 +81,7 @@ def download_project(env: Environment, progress: Callable[[int, int], None]) -> 
     stamp = {"project_id": info.id, "updated_at": info.updated_at}
     marker = folder / CACHE_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return folder, False
+        return folder, False, info.name
     for attempt in range(DOWNLOAD_ATTEMPTS):
         shutil.rmtree(folder, ignore_errors=True)
         done = [0]
@@ -99,7 +100,7 @@ def download_project(env: Environment, progress: Callable[[int, int], None]) -> 
                            e, attempt + 2, DOWNLOAD_ATTEMPTS, backoff(env.api, attempt))
             time.sleep(backoff(env.api, attempt))
     marker.write_text(json.dumps(stamp))  # written last: an interrupted download is never "current"
-    return folder, True
+    return folder, True, info.name
 
 
 @_platform_call("reading Team Files")

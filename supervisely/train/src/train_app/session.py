@@ -12,14 +12,25 @@ from train_app.environment import Environment
 
 
 @dataclass
+class AfterTraining:
+    """What a platform run does after its upload (step 06's switches), as the original app did."""
+    benchmark: bool = True             # the SDK's Model Benchmark on the validation images
+    benchmark_speed_test: bool = True  # its speed test
+    stop_app: bool = True              # the task ends, so the agent's GPU is free
+
+
+@dataclass
 class Session:
     env: Environment
     project: sly.Project | None = None
     project_dir: Path | None = None
+    project_name: str | None = None  # on the platform, not the download folder's name
     items: list[Item] = field(default_factory=list)
     # Each step's contribution to train.py's options, {parser dest: value}, by step number.
     settings_by_step: dict[int, dict] = field(default_factory=dict)
-    experiment: str = "unet"
+    experiment: str = "unet"  # step 06 proposes the project's name, as the original did
+    after_training: AfterTraining = field(default_factory=AfterTraining)
+    weights_source: str | None = None  # step 05's custom weights as the user named them (a Team Files path)
     launch: Launch = field(default_factory=lambda: Launch("auto"))  # step 06's devices: in-process or torchrun
 
     def settings(self) -> dict:

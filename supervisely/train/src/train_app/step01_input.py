@@ -29,23 +29,24 @@ class InputStep(Step):
         note = ""
         if env.platform:
             with counting(self.progress, message="Downloading images") as progress:
-                folder, downloaded = platform_io.download_project(env, progress)
+                folder, downloaded, name = platform_io.download_project(env, progress)
             note = "downloaded" if downloaded else "the cached copy is current: download skipped"
         else:
             if env.project_dir is None:
                 raise ValueError("set UNET_PROJECT_DIR to a Supervisely project folder and restart the app")
-            folder = env.project_dir
+            folder, name = env.project_dir, None
         project = data.open_project(folder)
         items = data.list_items(project)
         self.session.project, self.session.project_dir, self.session.items = project, folder, items
+        self.session.project_name = name or project.name  # the download's folder is named by the project's id
         self.session.settings_by_step[self.number] = {"project_dir": str(folder)}
         datasets = sorted({i.dataset_name for i in items})
         self.summary.set(
-            f"Project <b>{project.name}</b>: {len(datasets)} dataset(s) ({', '.join(datasets)}), "
+            f"Project <b>{self.session.project_name}</b>: {len(datasets)} dataset(s) ({', '.join(datasets)}), "
             f"{len(items)} image(s), {len(project.meta.obj_classes)} class(es) "
             f"({', '.join(c.name for c in project.meta.obj_classes)})", status="text")
         self.wizard.complete(self, f"Project ready{': ' + note if note else ''}.")
 
     def reset(self):
-        self.session.project, self.session.items = None, []
+        self.session.project, self.session.items, self.session.project_name = None, [], None
         self.summary.set("", status="text")

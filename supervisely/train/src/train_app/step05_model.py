@@ -54,4 +54,5 @@ class ModelStep(Step):
                 raise FileNotFoundError(f"custom weights {path} not found")
             settings["custom_weights"] = str(local)
         self.session.settings_by_step[self.number] = settings
+        self.session.weights_source = self.custom_path.get_value().strip() if weights == "custom" else None
         self.wizard.complete(self, f"{name}, {dict(none='from scratch', imagenet='ImageNet encoder', custom='custom weights')[weights]}.")

@@ -8,6 +8,7 @@ from supervisely.app.widgets import Button, Card, Container, Field, Input, Selec
 from custom_net.sly_integration import check_setting, list_devices, plan_launch, settings_to_argv
 from custom_net.original_app import ORIGINAL_PRESET
 from custom_net.config import MODEL_DEFAULTS, ArgsError, build_parser, parse_config
+from train_app.session import AfterTraining
 from train_app.wizard import Step
 
 # The options this card shows, by section. A new engine option goes into one of these lists, or into
@@ -51,6 +52,19 @@ HELP = {
     "sync_bn": "several GPUs: BatchNorm statistics over all GPUs (CUDA only)",
 }
 RECIPES = {"default": "defaults of this app", "original": "the original Train UNet app"}
+AFTER_TRAINING = {  # platform only: AfterTraining's fields, label and help
+    "benchmark": ("Run Model Benchmark", "the platform's evaluation report of the best checkpoint on the validation "
+                  "images (a predictions project and a report linked on the card, as in the original app)"),
+    "benchmark_speed_test": ("Run Speed Test", "part of the Model Benchmark: the served model's speed at batch 1, 8, 16"),
+    "stop_app": ("Stop the app when done", "after the upload the task ends and frees the agent; switch off to keep "
+                 "looking at the charts and previews"),
+}
+FORBIDDEN_IN_NAME = '/\\:*?"<>|'
+
+
+def experiment_name_for(project_name: str) -> str:
+    """The project's name as an experiment (folder) name: characters a path cannot hold become "_"."""
+    return "".join("_" if c in FORBIDDEN_IN_NAME else c for c in project_name).strip() or "unet"
 
 
 def _label(dest: str) -> str:
@@ -93,9 +107,15 @@ class HyperparametersStep(Step):
                                  widget_id=self.wid(f"section_{len(sections)}")))
         self.inputs["preset"].value_changed(self._use_recipe)
         self._filled = dict.fromkeys(MODEL_DEFAULTS, "")  # texts a recipe last put in: replaced while the user keeps them
-        self.experiment = Input("unet", widget_id=self.wid("experiment"))
+        self.experiment = Input(self.session.experiment, widget_id=self.wid("experiment"))
+        self._proposed_experiment = self.session.experiment
+        self.after = {}
+        if self.session.env.platform:
+            self.after = {name: Switch(switched=True, widget_id=self.wid(name)) for name in AFTER_TRAINING}
+            sections.append(Card("On the platform, after training", collapsable=True, widget_id=self.wid("section_after"),
+                                 content=Container([Field(self.after[n], *AFTER_TRAINING[n]) for n in AFTER_TRAINING])))
         self.apply = Button("Check and use these settings", widget_id=self.wid("apply"))
-        self.controls = [*self.inputs.values(), self.experiment, self.apply]
+        self.controls = [*self.inputs.values(), *self.after.values(), self.experiment, self.apply]
         self.action(self.apply)(self._apply)
         return [*sections, Field(self.experiment, "Experiment name", "names the results folder"), self.apply]
 
@@ -135,7 +155,11 @@ class HyperparametersStep(Step):
         self._filled = {dest: _as_text(values[dest]) for dest in MODEL_DEFAULTS}
 
     def on_unlock(self):
-        """Step 05 chose the architecture: show its default learning rates, unless the user typed others."""
+        """Step 05 chose the architecture: show its default learning rates, unless the user typed others; the
+        experiment is named after the project unless the user named it."""
+        if self.session.project_name and self.experiment.get_value().strip() == self._proposed_experiment:
+            self._proposed_experiment = experiment_name_for(self.session.project_name)
+            self.experiment.set_value(self._proposed_experiment)
         values = recipe_values(self.inputs["preset"].get_value(), self._model())
         for dest in MODEL_DEFAULTS:
             if self.inputs[dest].get_value().strip() in ("", self._filled[dest]):
@@ -164,7 +188,7 @@ class HyperparametersStep(Step):
                 self.errors[dest].hide()
                 settings[dest] = value
         experiment = self.experiment.get_value().strip()
-        if not experiment or any(c in experiment for c in '/\\:*?"<>|') :
+        if not experiment or any(c in experiment for c in FORBIDDEN_IN_NAME):
             raise ValueError("enter an experiment name without / \\ : * ? \" < > |")
         if bad:
             raise ValueError(f"{bad} value(s) need fixing: see the messages under the fields")
@@ -176,6 +200,7 @@ class HyperparametersStep(Step):
             raise ValueError(str(e)) from None
         self.session.settings_by_step[self.number] = settings
         self.session.experiment = experiment
+        self.session.after_training = AfterTraining(**{name: w.is_switched() for name, w in self.after.items()})
         self.session.launch = launch
         where = (f"GPUs {', '.join(map(str, launch.torchrun_gpus))} (torchrun, batch per GPU)" if launch.distributed
                  else launch.gpu_id)

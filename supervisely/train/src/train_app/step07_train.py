@@ -22,7 +22,7 @@ from custom_net.trainer import ui_state_from_config
 from custom_net.distributed import DistributedRunError, torchrun_command
 from custom_net.sly_integration import (DashboardReporter, Launch, describe_evaluation, settings_to_argv,
                                         start_training)
-from train_app import platform_io
+from train_app import model_benchmark, platform_io, platform_outputs
 from train_app.progress import counting
 from train_app.run_view import RunView
 from train_app.wizard import USER_ERRORS, Step
@@ -79,6 +79,9 @@ class TrainStep(Step):
         self.evaluation.hide()
         self.location = Text("", status="success", widget_id=self.wid("location"))
         self.location.hide()
+        self.benchmark = Text("", status="success", widget_id=self.wid("benchmark"))  # the report's link
+        self.benchmark.hide()
+        self.stop_app = None  # set by the dashboard: ends the task after a platform run
         self.action(self.train)(self._start)
         self.action(self.stop, requires_open=False)(self._stop)
         self.preview_epoch.value_changed(self.show_previews)
@@ -86,7 +89,7 @@ class TrainStep(Step):
                 Flexbox([self.lr_plot, self.loss_plot, self.metrics_plot]),
                 Field(Container([self.preview_epoch, self.gallery]), "Predictions over time",
                       "image | ground truth | prediction, for the train (left) and val (right) preview items"),
-                self.log, self.results, self.upload, self.location, self.evaluation]
+                self.log, self.results, self.upload, self.location, self.benchmark, self.evaluation]
 
     # ---- start / stop
     def output_dir(self) -> Path:
@@ -189,7 +192,9 @@ class TrainStep(Step):
             self.results.set(f"Best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}: "
                              f"{Path(best['checkpoint']).name}", status="text")
         env = self.session.env
+        problems = []
         if env.platform:
+            platform_outputs.write_model_meta(output)
             self.phase.set("uploading", status="info")
             try:
                 run.location = self._upload(output)
@@ -203,14 +208,60 @@ class TrainStep(Step):
                 self._show_evaluation(summary, str(output))
                 return self.error(f"Uploading the artifacts failed ({type(e).__name__}: {e}); "
                                   f"they are kept in {output} on the agent.")
+            problems = self._after_upload(run, output)
         else:
             run.location = str(output)
         self.location.set(f"Artifacts: {run.location}", status="success")
         self.location.show()
         self._show_evaluation(summary, run.location)
-        self.phase.set(summary["status"], status="success")
         self.wizard.complete(self, f"Training {summary['status']} after epoch {summary['last_epoch']} of "
                                    f"{summary['epochs']}.")
+        if problems:  # shown on the card: the app stays up for the user to read it
+            self.error(" ".join(problems))
+            return self.phase.set(summary["status"], status="warning")
+        self.phase.set(summary["status"], status="success")
+        if env.platform and self.session.after_training.stop_app and self.stop_app is not None:
+            logger.info("training finished and uploaded: the app stops")
+            self.stop_app()
+
+    def _after_upload(self, run: Run, output: Path) -> list[str]:
+        """The platform's records of an uploaded run, as the original app made them: the Model Benchmark, the
+        experiment, the workflow. What fails is returned for the card; the uploaded run stays as it is."""
+        env, after, problems = self.session.env, self.session.after_training, []
+        project = env.api.project.get_info_by_id(env.project_id)
+        benchmark = None
+        if after.benchmark:
+            self.phase.set("benchmarking", status="info")
+            try:
+                benchmark = self._benchmark(output, after.benchmark_speed_test)
+            except model_benchmark.BenchmarkError as e:
+                logger.error("model benchmark failed: %s", e)
+                problems.append(f"The Model Benchmark failed: {str(e).removeprefix('model benchmark: ')}")
+        best = Path(RunFolder(output).chosen_checkpoint()).relative_to(output).as_posix()
+        try:
+            info = platform_outputs.experiment_info(env, output, run.location, project, self.session.settings()["model"],
+                                                    benchmark, self.session.weights_source)
+            platform_outputs.register_experiment(env, output, run.location, info, project)
+        except Exception as e:  # the run is uploaded: say what is missing
+            logger.error("registering the experiment failed:\n%s", traceback.format_exc())
+            problems.append(f"The run is uploaded but not in the Experiments table: {type(e).__name__}: {e}")
+        try:
+            platform_outputs.record_workflow(env, run.location, best, self.session.weights_source,
+                                             benchmark.report_file if benchmark else None)
+        except Exception as e:  # a record of lineage only: the run and its outputs are complete
+            logger.warning("workflow nodes not recorded: %s: %s", type(e).__name__, e)
+        return problems
+
+    def _benchmark(self, output: Path, speed_test: bool):
+        val = set(data.read_item_list(str(RunFolder(output).split_set("val"))))
+        items = [item for item in self.session.items if (item.dataset_name, item.item_name) in val]
+        classes = [c.name for c in RunFolder(output).read_model_classes()]
+        # the SDK's steps count with the card's progress bar (each one opened and closed in a with block)
+        result = model_benchmark.run_model_benchmark(self.session.env, output, items, classes, speed_test, self.upload)
+        self.benchmark.set(f"Model Benchmark: <a href=\"{html.escape(result.report_link)}\" target=\"_blank\">"
+                           f"the evaluation report</a>", status="success")
+        self.benchmark.show()
+        return result
 
     def _show_evaluation(self, summary: dict, run_location: str):
         status, metrics, text = describe_evaluation(summary, run_location)
@@ -259,6 +310,7 @@ class TrainStep(Step):
         self.evaluation.hide()
         self.phase.set("Not started", status="text")
         self.location.hide()
+        self.benchmark.hide()
 
     @property
     def busy(self) -> bool:
