@@ -159,7 +159,8 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=_positive_int, default=20)
     g.add_argument("--batch-size", type=_positive_int, default=8,
                    help="per process, i.e. per GPU: under torchrun the global batch is this times the number of processes")
-    g.add_argument("--loss", choices=list(LOSSES), default="jaccard_nll", help="ce_dice = cross-entropy + soft Dice; jaccard_nll = the original (1-w)*NLL - w*log(soft Jaccard)")
+    g.add_argument("--loss", choices=list(LOSSES), default="jaccard_nll", help="ce_dice = cross-entropy + soft Dice; jaccard_nll = the original (1-w)*NLL - w*log(soft Jaccard); "
+                        "present_jaccard_nll = the same over the classes present in the batch (bounded when one is absent)")
     g.add_argument("--jaccard-weight", type=_fraction, default=0.5, help="w in the loss (Jaccard or Dice share)")
     g.add_argument("--class-weights", nargs="+", type=float, metavar="W", help="per-class loss weights, in class-id order")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, initial weights, order and augmentations")
