@@ -24,16 +24,17 @@ logger = logging.getLogger(__name__)
 def workflow_supported(api) -> bool:
     """Workflow nodes are recorded only where the platform has them (and the SDK has them enabled: not in
     development mode); elsewhere one debug line says why, and nothing else happens."""
+    if not api.app.workflow.is_enabled():  # asked first: it needs no request
+        logger.debug("workflow: not recorded (the SDK disables it in development mode)")
+        return False
     version = api.instance_version
     try:
         supported = version not in (None, "unknown") and Version(version) >= Version(WORKFLOW_MIN_VERSION)
     except InvalidVersion:
         supported = False
-    enabled = api.app.workflow.is_enabled()
-    if not (supported and enabled):
-        logger.debug("workflow: not recorded (platform version %s; workflow %s)", version,
-                     "enabled" if enabled else "disabled in development mode")
-    return supported and enabled
+    if not supported:
+        logger.debug("workflow: not recorded (platform version %s, before %s)", version, WORKFLOW_MIN_VERSION)
+    return supported
 
 
 class DashboardReporter(EventSink):
