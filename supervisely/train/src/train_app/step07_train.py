@@ -228,7 +228,10 @@ class TrainStep(Step):
         """The platform's records of an uploaded run, as the original app made them: the Model Benchmark, the
         experiment, the workflow. What fails is returned for the card; the uploaded run stays as it is."""
         env, after, problems = self.session.env, self.session.after_training, []
-        project = env.api.project.get_info_by_id(env.project_id)
+        try:
+            project = env.api.project.get_info_by_id(env.project_id)
+        except Exception as e:  # nothing of the platform's records can be made without it
+            return [f"The run is uploaded, but the project could not be read for its records: {type(e).__name__}: {e}"]
         benchmark = None
         if after.benchmark:
             self.phase.set("benchmarking", status="info")
