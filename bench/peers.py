@@ -3,7 +3,7 @@ trained as issue #23 measured them: cross-entropy + soft Dice (equal weights), A
 
 Everything else is the engine's, called rather than copied, so the only differences from our runs are the
 model and the recipe: the same config flags (project, split, input size, epochs, batch, seed), the split
-and decoded-image caches (custom_net.trainer), the dataset, sampler and loader (custom_net.sly_seg_dataset),
+and decoded-image caches (custom_net.trainer), the dataset, sampler and loaders (custom_net.trainer.make_loaders, with the run's augmentations),
 the training step (custom_net.epoch, so the same input normalisation, channels_last and autocast as our fast
 path: --amp auto, bf16 where the device runs it fast) and the validation (custom_net.validation).
 
@@ -17,10 +17,10 @@ import time
 import torch
 from torch import nn
 
-from custom_net import distributed, sly_seg_dataset as data, trainer
+from custom_net import distributed, trainer
 from custom_net.config import parse_config
 from custom_net.epoch import seed_everything, train_one_epoch
-from custom_net.hardware import dtype_name, resolve_amp, resolve_num_workers
+from custom_net.hardware import dtype_name, resolve_amp
 from custom_net.reporting import Reporter
 from custom_net.validation import validate
 
@@ -64,12 +64,11 @@ def train_peer(peer: str, engine_argv: list[str]) -> dict:
     seed_everything(config.seed)
     model = getattr(smp, PEERS[peer])(ENCODER, encoder_weights=None, classes=len(inputs.class_names))
     with trainer.prepared_data(config, inputs, ignore) as (train_data, val_data):
-        history, amp_dtype = fit(model, CrossEntropyDice(smp), config, inputs.class_names, train_data, val_data,
-                                 dist_ctx)
+        history, amp_dtype = fit(model, CrossEntropyDice(smp), config, inputs, train_data, val_data, dist_ctx)
     return {**outcome(history, time.perf_counter() - start), "amp": dtype_name(amp_dtype)}
 
 
-def fit(model, criterion, config, class_names, train_data, val_data, dist_ctx):
+def fit(model, criterion, config, inputs, train_data, val_data, dist_ctx):
     """Train and validate as Trainer.set_up / train_epoch / validate do, with the peer's optimizer and
     no schedule, clipping or BatchNorm momentum change. Returns (validation records, autocast dtype)."""
     device = dist_ctx.device
@@ -79,18 +78,15 @@ def fit(model, criterion, config, class_names, train_data, val_data, dist_ctx):
     criterion.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    train_set, val_set = data.SlySegDataset(train_data, seed=config.seed), data.SlySegDataset(val_data)
-    sampler = dist_ctx.epoch_sampler(len(train_set), config.seed)
-    workers = resolve_num_workers(config.num_workers, device)
-    train_loader = data.make_loader(train_set, config.batch_size, sampler, workers, device)
-    val_loader = data.make_loader(val_set, config.batch_size, dist_ctx.shard_sampler(len(val_set)), workers, device)
+    sampler, train_loader, val_loader = trainer.make_loaders(config, train_data, val_data, inputs.augs_config,
+                                                             dist_ctx, device)
     history = []
     for epoch in range(1, config.epochs + 1):
         sampler.set_epoch(epoch)
         train_one_epoch(model, criterion, optimizer, train_loader, device, epoch=epoch, scaler=scaler,
                         amp_dtype=amp_dtype, memory_format=memory_format)
         if epoch % config.val_interval == 0 or epoch == config.epochs:
-            history.append(validate(model, criterion, val_loader, device, class_names, amp_dtype, memory_format))
+            history.append(validate(model, criterion, val_loader, device, inputs.class_names, amp_dtype, memory_format))
     return history, amp_dtype
 
 

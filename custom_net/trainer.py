@@ -262,13 +262,8 @@ class Trainer:
         groups = parameter_groups(self.model, config.lr, config.decoder_lr_factor)
         self.optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum, config.weight_decay,
                                          config.nesterov)
-        train_set = data.SlySegDataset(self.train_data, self.inputs.augs_config, seed=config.seed)
-        val_set = data.SlySegDataset(self.val_data)
-        self.sampler = self.dist.epoch_sampler(len(train_set), config.seed)
-        workers = resolve_num_workers(config.num_workers, device)
-        self.train_loader = data.make_loader(train_set, config.batch_size, self.sampler, workers, device)
-        self.val_loader = data.make_loader(val_set, config.batch_size, self.dist.shard_sampler(len(val_set)), workers,
-                                           device)
+        self.sampler, self.train_loader, self.val_loader = make_loaders(config, self.train_data, self.val_data,
+                                                                        self.inputs.augs_config, self.dist, device)
         self.scheduler, self.per_iteration = build_scheduler(config.lr_schedule, self.optimizer, len(self.train_loader),
                                                              **{k: getattr(config, k) for k in SCHEDULE_OPTIONS})
         set_bn_momentum(self.model, config.bn_momentum, len(self.train_loader))
@@ -465,6 +460,15 @@ class Trainer:
         return {"status": status, "epochs": self.config.epochs, "last_epoch": epoch, "output_dir": str(self.folder.root),
                 "best": best, "last_checkpoint": str(last) if last else None,
                 "final": self.history[-1] if self.history else None, "seconds": round(time.time() - self.started, 1)}
+
+
+def make_loaders(config: TrainConfig, train_data, val_data, augs_config, dist, device: torch.device):
+    """The epoch sampler, the training loader (augmented) and the validation loader, as every run makes them."""
+    train_set, val_set = data.SlySegDataset(train_data, augs_config, seed=config.seed), data.SlySegDataset(val_data)
+    sampler = dist.epoch_sampler(len(train_set), config.seed)
+    workers = resolve_num_workers(config.num_workers, device)
+    return (sampler, data.make_loader(train_set, config.batch_size, sampler, workers, device),
+            data.make_loader(val_set, config.batch_size, dist.shard_sampler(len(val_set)), workers, device))
 
 
 def choose_run_folder(config: TrainConfig) -> RunFolder:

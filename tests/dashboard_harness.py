@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,19 +15,15 @@ from pathlib import Path
 import requests
 from websockets.sync.client import connect
 
+from tests.helpers import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 APP_DIR = REPO / "supervisely" / "train" / "src"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class DashboardServer:
     def __init__(self, env: dict, log_path: Path, startup_timeout: float = 120, app: str = "main:app"):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         # Drop any platform variables of the outer environment: ``env`` decides the mode.
