@@ -61,6 +61,8 @@ def train_peer(peer: str, engine_argv: list[str]) -> dict:
     # The same steps in the same order as trainer.run_training, so the split, seed and data match ours.
     config, inputs = trainer.check_inputs(parse_config(engine_argv), ignore)
     dist_ctx = distributed.setup(config.gpu_id, config.dist_timeout)  # a single process: the device
+    config = config.replace(batch_size=trainer.resolve_batch_size(config.batch_size, len(inputs.train_items),
+                                                                  dist_ctx.world_size, ignore))
     seed_everything(config.seed)
     model = getattr(smp, PEERS[peer])(ENCODER, encoder_weights=None, classes=len(inputs.class_names))
     with trainer.prepared_data(config, inputs, ignore) as (train_data, val_data):

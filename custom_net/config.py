@@ -27,6 +27,9 @@ BEST_METRICS = ("mean_fg_iou", "mean_iou", "mean_fg_dice", "mean_dice", "pixel_a
 SPLIT_METHODS = ("random", "datasets", "tags", "files")
 WARMUP_SHARE = 0.3  # default cosine warmup, as a share of the run (bench/RESULTS.md: AlbuNet needs a long one)
 PREVIEWS_PER_RUN = 10  # --vis-interval 0
+# --batch-size auto (custom_net.trainer.resolve_batch_size): 25 images at batch 8 make 4 steps an epoch, and
+# 10 epochs of them learned far less than at batch 4 (bench/RESULTS.md)
+AUTO_BATCH_SIZES, AUTO_BATCH_MIN_STEPS = (8, 4, 2), 6
 
 # Options whose default depends on the architecture (model_list holds the values).
 MODEL_DEFAULTS = ("lr", "decoder_lr_factor")
@@ -74,6 +77,7 @@ def _checked(name: str, convert, ok, rule: str, auto: bool = False):
 
 
 _positive_int = _checked("positive int", int, lambda v: v >= 1, ">= 1")
+_batch_size = _checked("batch size", int, lambda v: v >= 1, "'auto' or >= 1", auto=True)
 _size = _checked("size", int, lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (32, 64, ... 256 ...)")
 _workers = _checked("workers", int, lambda v: v >= 0, "'auto' or >= 0", auto=True)
 _positive_float = _checked("positive float", float, lambda v: v > 0, "> 0")
@@ -157,10 +161,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 def _training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=20)
-    g.add_argument("--batch-size", type=_positive_int, default=8,
-                   help="per process, i.e. per GPU: under torchrun the global batch is this times the number of processes")
-    g.add_argument("--loss", choices=list(LOSSES), default="jaccard_nll", help="ce_dice = cross-entropy + soft Dice; jaccard_nll = the original (1-w)*NLL - w*log(soft Jaccard); "
-                        "present_jaccard_nll = the same over the classes present in the batch (bounded when one is absent)")
+    g.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="per process, i.e. per GPU: under torchrun the global batch is this times the number of "
+                        f"processes; auto = the largest of {', '.join(map(str, AUTO_BATCH_SIZES))} that makes at least "
+                        f"{AUTO_BATCH_MIN_STEPS} steps an epoch (small projects learn in more, smaller steps)")
+    g.add_argument("--loss", choices=list(LOSSES), default="smooth_jaccard_nll",
+                   help="jaccard_nll = the original's (1-w)*NLL - w*sum log(soft Jaccard), smoothed by 1e-15 (a class "
+                        "absent from a batch adds ~35); smooth_jaccard_nll = the same smoothed by one pixel (an absent "
+                        "class adds log(1 + its predicted area)); ce_dice = cross-entropy + soft Dice")
     g.add_argument("--jaccard-weight", type=_fraction, default=0.5, help="w in the loss (Jaccard or Dice share)")
     g.add_argument("--class-weights", nargs="+", type=float, metavar="W", help="per-class loss weights, in class-id order")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, initial weights, order and augmentations")
@@ -323,7 +331,7 @@ class TrainConfig:
     custom_weights_classes: str | None
     # training, optimizer, schedule
     epochs: int
-    batch_size: int
+    batch_size: str | int  # 'auto' until custom_net.trainer resolves it
     loss: str
     jaccard_weight: float
     class_weights: tuple[float, ...] | None

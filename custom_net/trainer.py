@@ -27,7 +27,7 @@ import torch
 
 from custom_net import augs, distributed, pretrained, sly_seg_dataset as data
 from custom_net.checkpoints import CheckpointSaver
-from custom_net.config import ArgsError, TrainConfig
+from custom_net.config import AUTO_BATCH_MIN_STEPS, AUTO_BATCH_SIZES, ArgsError, TrainConfig
 from custom_net.custom_weights import CustomWeightsError, load_custom_weights
 from custom_net.epoch import NonFiniteLoss, StopRequested, seed_everything, train_one_epoch
 from custom_net.evaluate import evaluate_training_run
@@ -52,6 +52,8 @@ def run_training(config: TrainConfig, reporter: Reporter, ui_state: dict | None 
     before the output folder is created."""
     config, inputs = check_inputs(config, reporter.message)
     dist_ctx = distributed.setup(config.gpu_id, config.dist_timeout, config.sync_bn)  # world_size 1 outside torchrun
+    config = config.replace(batch_size=resolve_batch_size(config.batch_size, len(inputs.train_items),
+                                                          dist_ctx.world_size, reporter.message))
     seed_everything(config.seed)
     model = build_model(config, inputs.class_names, reporter.message)
     criterion = build_loss(config.loss, len(inputs.class_names), config.jaccard_weight, config.class_weights)
@@ -96,10 +98,23 @@ def check_inputs(config: TrainConfig, report) -> tuple[TrainConfig, Inputs]:
     augs_config = augs.load_augs_config(config.sly_augs_path) if config.sly_augs_path else None
     vis = vis_items(config, train_items, val_items)
     config = config.replace(encoder_weights=resolve_encoder_weights(config, report))
-    if config.batch_size > len(train_items):
-        report("warning", f"--batch-size {config.batch_size} is larger than the {len(train_items)} training item(s): "
-                          f"each epoch is a single batch of {len(train_items)}")
     return config, Inputs(project, model_classes, train_items, val_items, augs_config, vis)
+
+
+def resolve_batch_size(batch_size: str | int, train_count: int, world_size: int, report) -> int:
+    """--batch-size as the run uses it (per process): 'auto' = the largest of AUTO_BATCH_SIZES that makes
+    AUTO_BATCH_MIN_STEPS steps an epoch, else the smallest."""
+    per_process = -(-train_count // world_size)
+    if batch_size == "auto":
+        batch_size = next((b for b in AUTO_BATCH_SIZES if -(-per_process // b) >= AUTO_BATCH_MIN_STEPS),
+                          AUTO_BATCH_SIZES[-1])
+        report("info", f"--batch-size auto: {batch_size}, {-(-per_process // batch_size)} steps an epoch "
+                       f"({train_count} training items{f' over {world_size} processes' if world_size > 1 else ''})")
+    elif batch_size > per_process:
+        report("warning", f"--batch-size {batch_size} is larger than the {train_count} training item(s)"
+                          f"{f' over {world_size} processes' if world_size > 1 else ''}: each epoch is a single batch "
+                          f"of {per_process}")
+    return batch_size
 
 
 def make_splits(config: TrainConfig, project, items):
@@ -520,9 +535,9 @@ def collapse_warning(history: list[dict], last_epoch: bool) -> bool:
 
 def collapse_advice(config: TrainConfig, class_name: str) -> str:
     tips = []
-    if config.loss != "jaccard_nll" or not config.jaccard_weight:
-        tips.append("--loss jaccard_nll --jaccard-weight 0.5 (its log-Jaccard term pulls hardest on a class the "
-                    "model misses)")
+    if config.loss == "ce_dice" or not config.jaccard_weight:
+        tips.append("--loss smooth_jaccard_nll --jaccard-weight 0.5 (its log-Jaccard term pulls hardest on a class "
+                    "the model misses)")
     if config.init != "he":
         tips.append("--init he")
     tips.append("--class-weights to weigh rare classes up" if not config.class_weights else "larger --class-weights")

@@ -18,6 +18,7 @@ from custom_net.sly_seg_dataset import DataError
 from custom_net.config import ArgsError
 from custom_net.model import model_list
 from custom_net.train import main
+from custom_net.trainer import resolve_batch_size
 from custom_net.optim import LR_SCHEDULES, OPTIMIZERS
 from tests.helpers import BAD_INPUT_ARGS as ARGS, RecordingReporter, edit_json, fails, run_cli
 
@@ -272,3 +273,39 @@ def test_cli_reports_bad_input_with_exit_code_2(project, tmp_path, monkeypatch):
         assert len(errors) == 1 and name in result.stderr[result.stderr.index("error: "):], f"{case}: {result.stderr}"
         assert "Traceback" not in result.stderr, f"{case}: {result.stderr}"
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_size_auto_gives_small_projects_enough_steps_and_the_run_records_its_choice(tiny_project, tmp_path):
+    """10 training items: batch 8 or 4 would make 2 or 3 steps an epoch, so auto takes 2 (5 steps); the
+    run says so, trains with it and records the number, so a resume or a repeat uses the same."""
+    reporter = RecordingReporter()
+    out = tmp_path / "out"
+    at = ARGS.index("--batch-size")
+    argv = ARGS[:at] + ARGS[at + 2:]  # no --batch-size: the default, auto
+    summary = main([*argv, "--project-dir", str(tiny_project), "--output", str(out)], reporter=reporter)
+    assert summary["status"] == "finished"
+    said = [text for level, text in reporter.messages if "--batch-size auto" in text]
+    assert said == ["--batch-size auto: 2, 5 steps an epoch (10 training items)"]
+    assert reporter.named("start")[0]["iters_per_epoch"] == 5
+    assert json.loads((out / "checkpoints" / "train_args.json").read_text())["batch_size"] == 2
+
+
+@pytest.mark.parametrize("items, world_size, expected", [
+    (25, 1, 4),    # batch 8 makes 4 steps, 4 makes 7: the held-out microscopy set's size (issue #23)
+    (48, 1, 8),    # 6 steps at 8: larger projects keep the batch of before
+    (5000, 1, 8),  # never above 8, so never more memory than before
+    (5, 1, 2),     # too few for 6 steps at any size: the smallest
+    (50, 2, 4),    # per process: 25 items each under torchrun
+])
+def test_batch_size_auto_rule(items, world_size, expected):
+    said = []
+    assert resolve_batch_size("auto", items, world_size, lambda level, text: said.append(level)) == expected
+    assert said == ["info"]
+
+
+def test_an_explicit_batch_size_is_kept_and_warned_about_only_when_larger_than_the_share():
+    said = []
+    assert resolve_batch_size(8, 25, 1, lambda level, text: said.append((level, text))) == 8
+    assert resolve_batch_size(16, 20, 2, lambda level, text: said.append((level, text))) == 16
+    assert said == [("warning", "--batch-size 16 is larger than the 20 training item(s) over 2 processes: "
+                                "each epoch is a single batch of 10")]

@@ -30,7 +30,7 @@ def _other_value(action):
                "milestones": [2, 4], "gpu_id": "cuda:1", "sly_augs_path": "seg_simple", "encoder_weights": "imagenet",
                "custom_weights": "/w/model 001.pth", "output": "/r/exp 1", "cache_dir": "/tmp/c", "train_tag": "t",
                "val_tag": "v", "jaccard_weight": 0.3, "val_percent": 25.0, "lr": 0.02, "min_lr": 1e-5,
-               "num_workers": 2, "bn_momentum": 0.3, "warmup_epochs": 2.5, "decoder_lr_factor": 0.5,
+               "num_workers": 2, "bn_momentum": 0.3, "batch_size": 4, "warmup_epochs": 2.5, "decoder_lr_factor": 0.5,
                "custom_weights_classes": "/w/model classes.json", "train_vis_items_path": "/w/train vis.json",
                "val_vis_items_path": "/w/val vis.json"}
     if action.dest in special:

@@ -151,6 +151,7 @@ def test_recipe_fills_the_fields_it_decides(app):
              s06_seed={"value": "7"})
     state = app.state()
     assert state["s06_epochs"]["value"] == "10" and state["s06_lr"]["value"] == "0.001"
+    assert state["s06_batch_size"]["value"] == "8"
     assert state["s06_clip_grad_norm"]["value"] == "0.0" and state["s06_max_keep_ckpts"]["value"] == "3"
     assert (state["s06_loss"]["value"], state["s06_lr_schedule"]["value"], state["s06_scheduler_order"]["value"],
             state["s06_init"]["value"], state["s06_best_metric"]["value"]) == ("jaccard_nll", "none", "before",
@@ -158,8 +159,9 @@ def test_recipe_fills_the_fields_it_decides(app):
     assert state["s06_input_height"]["value"] == "256" and state["s06_seed"]["value"] == "7"
     app.post("s06_preset/value_changed", s06_preset={"value": "default"})
     state = app.state()
-    assert (state["s06_epochs"]["value"], state["s06_loss"]["value"], state["s06_lr_schedule"]["value"],
-            state["s06_init"]["value"]) == ("20", "jaccard_nll", "cosine", "he")
+    assert (state["s06_epochs"]["value"], state["s06_batch_size"]["value"], state["s06_loss"]["value"],
+            state["s06_lr_schedule"]["value"], state["s06_init"]["value"]) == ("20", "auto", "smooth_jaccard_nll",
+                                                                               "cosine", "he")
     assert (state["s06_lr"]["value"], state["s06_clip_grad_norm"]["value"]) == ("0.003", "1.0")
 
 
@@ -288,7 +290,7 @@ def _non_default(action):
         return not action.default
     return {"input_height": 96, "input_width": 128, "class_weights": [0.5, 1.0, 2.0], "milestones": [3, 7],
             "gpu_id": "cpu", "num_workers": 1, "lr": 0.005, "min_lr": 1e-5, "jaccard_weight": 0.25, "max_keep_ckpts": 3,
-            "warmup_epochs": 2.0, "bn_momentum": 0.5, "decoder_lr_factor": 0.25}.get(action.dest, (action.default or 0) + 1 if isinstance(action.default, (int, float))
+            "warmup_epochs": 2.0, "bn_momentum": 0.5, "batch_size": 3, "decoder_lr_factor": 0.25}.get(action.dest, (action.default or 0) + 1 if isinstance(action.default, (int, float))
                                       and not isinstance(action.default, bool) else None)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from custom_net.loss import CEDiceLoss, JaccardNLLLoss, PresentJaccardNLLLoss, build_loss
+from custom_net.loss import CEDiceLoss, JaccardNLLLoss, SmoothJaccardNLLLoss, build_loss
 from custom_net.config import build_parser
 from custom_net.checkpoints import CheckpointSaver
 from custom_net.hardware import resolve_amp, select_device
@@ -54,27 +54,31 @@ def test_jaccard_nll_matches_the_original_formula():
     assert JaccardNLLLoss(3, w)(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_present_class_jaccard_is_bounded_when_a_class_is_absent():
-    """A batch without class 2: the original's form adds about -log(1e-15 / area) for it, the present-class form
-    nothing; with every class present the two differ only by the one-pixel smoothing."""
+def test_smooth_jaccard_is_bounded_when_a_class_is_absent_and_still_charges_its_false_positives():
+    """A batch without class 2: the original's form adds about 0.5 * -log(1e-15 / area) for it even when it is
+    barely predicted; the smoothed form adds 0.5 * log(1 + area), which grows with the area predicted."""
     torch.manual_seed(0)
-    logits = torch.randn(2, 3, 32, 32)
     absent = torch.randint(0, 2, (2, 32, 32))  # classes 0 and 1 only
-    original, present = JaccardNLLLoss(3, 0.5), PresentJaccardNLLLoss(3, 0.5)
-    assert original(logits, absent).item() > 15  # the absent class alone: 0.5 * (34.5 - log(area)) ~ 14
-    assert present(logits, absent).item() < 5
-    probs = logits.softmax(1)[:, 2].sum()  # what the present form leaves out: the absent class's term
-    assert original(logits, absent).item() - present(logits, absent).item() == pytest.approx(
-        0.5 * (-torch.log(1e-15 / probs)).item(), rel=0.02)
+    original, smooth = JaccardNLLLoss(3, 0.5), SmoothJaccardNLLLoss(3, 0.5)
+    quiet = F.one_hot(absent, 3).permute(0, 3, 1, 2).float() * 4  # class 2 at ~1.5% a pixel: ~30 pixels in all
+    area = quiet.softmax(1)[:, 2].sum().item()
+    assert original(quiet, absent).item() > 15
+    assert smooth(quiet, absent).item() < 3
+    loud = quiet.clone()
+    loud[:, 2] = 6  # now class 2 wins every pixel: the smoothed loss charges it
+    assert smooth(loud, absent).item() > smooth(quiet, absent).item() + 2
+    gap = original(quiet, absent).item() - smooth(quiet, absent).item()  # mostly the absent class's term
+    assert gap == pytest.approx(0.5 * (-math.log(1e-15 / area) - math.log(1 + area)), rel=0.05)
     every = torch.randint(0, 3, (2, 32, 32))
-    assert present(logits, every).item() == pytest.approx(original(logits, every).item(), rel=0.01)
+    logits = torch.randn(2, 3, 32, 32)
+    assert smooth(logits, every).item() == pytest.approx(original(logits, every).item(), rel=0.01)
 
 
 def test_losses_reward_correct_predictions_and_validate_weights():
     target = torch.randint(0, 3, (1, 16, 16))
     perfect = F.one_hot(target, 3).permute(0, 3, 1, 2).float() * 20
     wrong = F.one_hot((target + 1) % 3, 3).permute(0, 3, 1, 2).float() * 20
-    for loss in (JaccardNLLLoss(3, 0.5), PresentJaccardNLLLoss(3, 0.5), CEDiceLoss(3, 0.5)):
+    for loss in (JaccardNLLLoss(3, 0.5), SmoothJaccardNLLLoss(3, 0.5), CEDiceLoss(3, 0.5)):
         assert loss(perfect, target) < loss(wrong, target)
     with pytest.raises(ValueError, match="--class-weights has 2 values for 3 classes"):
         build_loss("ce_dice", 3, 0.5, [1.0, 2.0])
