@@ -28,8 +28,8 @@ SPLIT_METHODS = ("random", "datasets", "tags", "files")
 WARMUP_SHARE = 0.3  # default cosine warmup, as a share of the run (bench/RESULTS.md: AlbuNet needs a long one)
 PREVIEWS_PER_RUN = 10  # --vis-interval 0
 # --batch-size auto (custom_net.trainer.resolve_batch_size): 25 images at batch 8 make 4 steps an epoch, and
-# 10 epochs of them learned far less than at batch 4 (bench/RESULTS.md)
-AUTO_BATCH_SIZES, AUTO_BATCH_MIN_STEPS = (8, 4, 2), 6
+# 10 epochs of them learned far less than at batch 4; batch 2 spiked at the default peak lr (bench/RESULTS.md)
+AUTO_BATCH_SIZES, AUTO_BATCH_MIN_STEPS = (8, 4), 6
 
 # Options whose default depends on the architecture (model_list holds the values).
 MODEL_DEFAULTS = ("lr", "decoder_lr_factor")
@@ -163,7 +163,7 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=_positive_int, default=20)
     g.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="per process, i.e. per GPU: under torchrun the global batch is this times the number of "
-                        f"processes; auto = the largest of {', '.join(map(str, AUTO_BATCH_SIZES))} that makes at least "
+                        f"processes; auto = {AUTO_BATCH_SIZES[0]}, or {AUTO_BATCH_SIZES[-1]} where that makes fewer than "
                         f"{AUTO_BATCH_MIN_STEPS} steps an epoch (small projects learn in more, smaller steps)")
     g.add_argument("--loss", choices=list(LOSSES), default="smooth_jaccard_nll",
                    help="jaccard_nll = the original's (1-w)*NLL - w*sum log(soft Jaccard), smoothed by 1e-15 (a class "

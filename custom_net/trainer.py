@@ -102,7 +102,7 @@ def check_inputs(config: TrainConfig, report) -> tuple[TrainConfig, Inputs]:
 
 
 def resolve_batch_size(batch_size: str | int, train_count: int, world_size: int, report) -> int:
-    """--batch-size as the run uses it (per process): 'auto' = the largest of AUTO_BATCH_SIZES that makes
+    """--batch-size as the run uses it (per process): "auto" = the largest of AUTO_BATCH_SIZES that makes
     AUTO_BATCH_MIN_STEPS steps an epoch, else the smallest."""
     per_process = -(-train_count // world_size)
     if batch_size == "auto":

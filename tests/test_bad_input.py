@@ -276,8 +276,8 @@ def test_cli_reports_bad_input_with_exit_code_2(project, tmp_path, monkeypatch):
 
 
 def test_batch_size_auto_gives_small_projects_enough_steps_and_the_run_records_its_choice(tiny_project, tmp_path):
-    """10 training items: batch 8 or 4 would make 2 or 3 steps an epoch, so auto takes 2 (5 steps); the
-    run says so, trains with it and records the number, so a resume or a repeat uses the same."""
+    """10 training items: batch 8 would make 2 steps an epoch, so auto takes 4 (3 steps); the run says so,
+    trains with it and records the number, so a resume or a repeat uses the same."""
     reporter = RecordingReporter()
     out = tmp_path / "out"
     at = ARGS.index("--batch-size")
@@ -285,16 +285,16 @@ def test_batch_size_auto_gives_small_projects_enough_steps_and_the_run_records_i
     summary = main([*argv, "--project-dir", str(tiny_project), "--output", str(out)], reporter=reporter)
     assert summary["status"] == "finished"
     said = [text for level, text in reporter.messages if "--batch-size auto" in text]
-    assert said == ["--batch-size auto: 2, 5 steps an epoch (10 training items)"]
-    assert reporter.named("start")[0]["iters_per_epoch"] == 5
-    assert json.loads((out / "checkpoints" / "train_args.json").read_text())["batch_size"] == 2
+    assert said == ["--batch-size auto: 4, 3 steps an epoch (10 training items)"]
+    assert reporter.named("start")[0]["iters_per_epoch"] == 3
+    assert json.loads((out / "checkpoints" / "train_args.json").read_text())["batch_size"] == 4
 
 
 @pytest.mark.parametrize("items, world_size, expected", [
     (25, 1, 4),    # batch 8 makes 4 steps, 4 makes 7: the held-out microscopy set's size (issue #23)
     (48, 1, 8),    # 6 steps at 8: larger projects keep the batch of before
     (5000, 1, 8),  # never above 8, so never more memory than before
-    (5, 1, 2),     # too few for 6 steps at any size: the smallest
+    (5, 1, 4),     # too few for 6 steps at any size: 4, the smallest (batch 2 spiked at the default lr)
     (50, 2, 4),    # per process: 25 items each under torchrun
 ])
 def test_batch_size_auto_rule(items, world_size, expected):
