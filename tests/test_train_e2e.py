@@ -21,7 +21,7 @@ from custom_net import augs, sly_seg_dataset as data
 from custom_net.inference import convert_prediction_to_sly_format, inference, load_trained_model, predict_image
 from custom_net.loss import build_loss
 from custom_net.reporting import Reporter
-from custom_net.config import ArgsError, parse_config
+from custom_net.config import AUTO_BATCH_SIZES, ArgsError, parse_config
 from custom_net.model import build_model, model_list
 from custom_net.train import main
 from custom_net.epoch import NonFiniteLoss
@@ -410,7 +410,7 @@ def test_demo_defaults_and_overrides():
     assert demo.demo and demo.project_dir is None
     assert model_list[demo.model]["pretrained_encoder"] is None and demo.encoder_weights == "none"
     assert demo.input_height * demo.input_width < real.input_height * real.input_width
-    assert demo.batch_size < real.batch_size and demo.output != real.output
+    assert real.batch_size == "auto" and demo.batch_size < max(AUTO_BATCH_SIZES) and demo.output != real.output
     args = parse_config(["--demo", "--epochs", "3", "--input-width", "64"])
     assert args.epochs == 3 and args.input_width == 64
     assert args.model == demo.model and args.input_height == demo.input_height
