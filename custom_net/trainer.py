@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -104,16 +105,16 @@ def check_inputs(config: TrainConfig, report) -> tuple[TrainConfig, Inputs]:
 def resolve_batch_size(batch_size: str | int, train_count: int, world_size: int, report) -> int:
     """--batch-size as the run uses it (per process): "auto" = the largest of AUTO_BATCH_SIZES that makes
     AUTO_BATCH_MIN_STEPS steps an epoch, else the smallest."""
-    per_process = -(-train_count // world_size)
+    per_process = math.ceil(train_count / world_size)
+    shared = f" over {world_size} processes" if world_size > 1 else ""
     if batch_size == "auto":
-        batch_size = next((b for b in AUTO_BATCH_SIZES if -(-per_process // b) >= AUTO_BATCH_MIN_STEPS),
-                          AUTO_BATCH_SIZES[-1])
-        report("info", f"--batch-size auto: {batch_size}, {-(-per_process // batch_size)} steps an epoch "
-                       f"({train_count} training items{f' over {world_size} processes' if world_size > 1 else ''})")
+        steps = lambda size: math.ceil(per_process / size)  # noqa: E731
+        batch_size = next((b for b in AUTO_BATCH_SIZES if steps(b) >= AUTO_BATCH_MIN_STEPS), AUTO_BATCH_SIZES[-1])
+        report("info", f"--batch-size auto: {batch_size}, {steps(batch_size)} steps an epoch "
+                       f"({train_count} training items{shared})")
     elif batch_size > per_process:
-        report("warning", f"--batch-size {batch_size} is larger than the {train_count} training item(s)"
-                          f"{f' over {world_size} processes' if world_size > 1 else ''}: each epoch is a single batch "
-                          f"of {per_process}")
+        report("warning", f"--batch-size {batch_size} is larger than the {train_count} training item(s){shared}: "
+                          f"each epoch is a single batch of {per_process}")
     return batch_size
 
 
