@@ -145,8 +145,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", choices=list(model_list), default="UNet11", help="architecture")
     g.add_argument("--encoder-weights", default="auto",
                    help="ImageNet encoder weights: 'imagenet' (torch cache), a file path, 'none', or 'auto' (imagenet if cached, else none)")
-    g.add_argument("--init", choices=INIT_SCHEMES, default="he",
-                   help="initialisation of layers not loaded from ImageNet: he, or original (each layer's default)")
+    g.add_argument("--init", choices=INIT_SCHEMES, default="lsuv",
+                   help="initialisation of layers not loaded from ImageNet: he; lsuv = he, then on "
+                        + " and ".join(name for name, spec in model_list.items() if spec["lsuv"])
+                        + " each layer scaled to unit output variance on the first training batch; original = each "
+                        "layer's default")
     g.add_argument("--bn-momentum", type=_bn_momentum, default="auto",
                    help="BatchNorm running-statistics momentum; auto = 1 / iterations per epoch, at least 0.1 "
                         "(PyTorch's), so the statistics validation uses cover about the last epoch")

@@ -357,17 +357,18 @@ def _merge(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
 # The engine's default recipe per architecture, chosen by bench/quality.py: "lr" is the peak learning
 # rate; "decoder_lr_factor" scales it for the layers outside encoder_modules(). AlbuNet's
 # BatchNorm-free decoder on a ResNet encoder diverges at the 3e-3 its encoder learns best with.
+# "lsuv": whether --init lsuv scales the model on its first batch (scale_to_data); UNet16 learned less so.
 model_list = {
     "UNet": {"class": UNet, "description": "Classic UNet, trained from scratch", "pretrained_encoder": None,
-             "lr": 3e-3, "decoder_lr_factor": 1.0},
+             "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": True},
     "UNet11": {"class": UNet11, "description": "UNet with a VGG11 encoder (TernausNet)", "pretrained_encoder": "vgg11",
-               "lr": 3e-3, "decoder_lr_factor": 1.0},
+               "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": True},
     "UNet16": {"class": UNet16, "description": "UNet with a VGG16 encoder (TernausNet)", "pretrained_encoder": "vgg16",
-               "lr": 3e-3, "decoder_lr_factor": 1.0},
+               "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": False},
     "AlbuNet": {"class": AlbuNet, "description": "UNet with a ResNet34 encoder", "pretrained_encoder": "resnet34",
-                "lr": 3e-3, "decoder_lr_factor": 0.33},
+                "lr": 3e-3, "decoder_lr_factor": 0.33, "lsuv": False},
     "LinkNet34": {"class": LinkNet34, "description": "LinkNet with a ResNet34 encoder", "pretrained_encoder": "resnet34",
-                  "lr": 3e-3, "decoder_lr_factor": 1.0},
+                  "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": False},
 }
 
 
@@ -375,12 +376,13 @@ class UnknownModelError(ValueError):
     """A model name outside ``model_list`` or weights it cannot take; the message lists the choices."""
 
 
-INIT_SCHEMES = ("he", "original")
+INIT_SCHEMES = ("lsuv", "he", "original")
 
 
 def build_model(name: str, num_classes: int, encoder_weights: str | None = None, init: str = "he") -> nn.Module:
-    """``init``: 'he' = He initialisation for every layer not loaded from ImageNet; 'original' = each
-    layer's own default, as the original app built them."""
+    """``init``: 'he' = He initialisation for every layer not loaded from ImageNet; 'lsuv' = the same here,
+    then, where model_list says so, ``scale_to_data`` once the training data is at hand (the trainer calls
+    it); 'original' = each layer's own default, as the original app built them."""
     if name not in model_list:
         raise UnknownModelError(f"unknown model {name!r}; choose from {', '.join(model_list)}")
     weights = None if encoder_weights in (None, "", "none") else encoder_weights
@@ -389,10 +391,14 @@ def build_model(name: str, num_classes: int, encoder_weights: str | None = None,
     model = model_list[name]["class"](num_classes=num_classes, encoder_weights=weights)
     if init not in INIT_SCHEMES:
         raise UnknownModelError(f"unknown init {init!r}; choose from {', '.join(INIT_SCHEMES)}")
-    if init == "he":
-        pretrained = {id(p) for m in model.encoder_modules() for p in m.parameters()} if weights else set()
-        init_untrained_layers(model, pretrained)
+    if init in ("he", "lsuv"):
+        init_untrained_layers(model, encoder_parameters(model) if weights else set())
     return model
+
+
+def encoder_parameters(model: nn.Module) -> set[int]:
+    """The ids of the parameters a pretrained encoder loads."""
+    return {id(p) for m in model.encoder_modules() for p in m.parameters()}
 
 
 def init_untrained_layers(model: nn.Module, keep: set[int], mode: str = "fan_in") -> None:
@@ -408,3 +414,36 @@ def init_untrained_layers(model: nn.Module, keep: set[int], mode: str = "fan_in"
             nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def scale_to_data(model: nn.Module, inputs: torch.Tensor, keep: set[int]) -> bool:
+    """Layer-sequential unit-variance scaling (LSUV), for architectures without BatchNorm: in one forward
+    pass over ``inputs`` (a normalised training batch), every conv layer whose weights are not in ``keep``
+    is scaled so that its output has unit standard deviation, and hands that scaled output on, so each
+    later layer is scaled for the inputs it will see. He init keeps the variance only in expectation: on
+    real images these networks' layer outputs range from 0.7 to 2.6 times the input's deviation, with no
+    BatchNorm to undo it (bench/RESULTS.md has what the scaling gains). Models with BatchNorm are left as
+    they are: it normalises their layers. Returns whether the model was scaled."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    scaled = set()
+
+    def rescale(module, args, output):
+        if module in scaled:  # a layer run twice in one pass is scaled for its first use
+            return output
+        scaled.add(module)
+        factor = 1 / output.float().std().clamp_min(1e-6)
+        module.weight.mul_(factor.to(module.weight.dtype))
+        if module.bias is not None:
+            module.bias.mul_(factor.to(module.bias.dtype))
+        return output * factor.to(output.dtype)
+
+    hooks = [m.register_forward_hook(rescale) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and id(m.weight) not in keep]
+    try:
+        model(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return True

@@ -35,8 +35,9 @@ from custom_net.evaluate import evaluate_training_run
 from custom_net.hardware import dtype_name, resolve_amp, resolve_num_workers
 from custom_net.inference import predict_probabilities
 from custom_net.loss import build_loss
-from custom_net.model import build_model as build_architecture, model_list
+from custom_net.model import build_model as build_architecture, encoder_parameters, model_list, scale_to_data
 from custom_net.optim import SCHEDULE_OPTIONS, build_optimizer, build_scheduler, current_lr, parameter_groups, set_bn_momentum
+from custom_net.preprocessing import normalize_batch
 from custom_net.quantize import save_calibration_images
 from custom_net.reporting import Reporter
 from custom_net.run_folder import SPLITS, RunFolder
@@ -272,6 +273,9 @@ class Trainer:
         schedule, BatchNorm momentum and fp16 gradient scaler."""
         config, device = self.config, self.device
         self.model.to(device, memory_format=self.memory_format)
+        fresh = not (config.custom_weights or config.resume)
+        if config.init == "lsuv" and model_list[config.model]["lsuv"] and fresh:
+            self.scale_to_data()
         self.model, train_model = self.dist.prepare_model(self.model, config.sync_bn)  # checkpoints: the plain module
         self.step_model = torch.compile(train_model) if config.compile else train_model
         self.criterion.to(device)
@@ -284,6 +288,18 @@ class Trainer:
                                                              **{k: getattr(config, k) for k in SCHEDULE_OPTIONS})
         set_bn_momentum(self.model, config.bn_momentum, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+
+    def scale_to_data(self) -> None:
+        """--init lsuv: the untrained layers scaled on a batch of training images spread over the set (neighbours
+        in a project are often alike), by model.scale_to_data. Every process scales on the same images, so
+        DDP's start from rank 0's weights changes nothing."""
+        count = min(self.config.batch_size, len(self.train_data))
+        spread = np.linspace(0, len(self.train_data) - 1, count).round().astype(int)
+        images = torch.from_numpy(np.stack([np.asarray(self.train_data.images[i]) for i in spread]))
+        inputs = normalize_batch(images.to(self.device)).contiguous(memory_format=self.memory_format)
+        keep = encoder_parameters(self.model) if self.config.encoder_weights != "none" else set()
+        if scale_to_data(self.model, inputs, keep) and self.dist.is_main:
+            self.report("info", f"--init lsuv: layers scaled to unit output variance on {count} training images")
 
     def open_folder(self, ui_state: dict | None) -> None:
         """The run folder: a resumed run's own, else --output or a free name beside it; rank 0 alone writes."""
@@ -539,8 +555,8 @@ def collapse_advice(config: TrainConfig, class_name: str) -> str:
     if config.loss == "ce_dice" or not config.jaccard_weight:
         tips.append("--loss smooth_jaccard_nll --jaccard-weight 0.5 (its log-Jaccard term pulls hardest on a class "
                     "the model misses)")
-    if config.init != "he":
-        tips.append("--init he")
+    if config.init == "original":
+        tips.append("--init lsuv")
     tips.append("--class-weights to weigh rare classes up" if not config.class_weights else "larger --class-weights")
     tips.append(f"more --epochs, or another --lr than {config.lr:g}")
     if not config.clip_grad_norm:

@@ -161,7 +161,7 @@ def test_recipe_fills_the_fields_it_decides(app):
     state = app.state()
     assert (state["s06_epochs"]["value"], state["s06_batch_size"]["value"], state["s06_loss"]["value"],
             state["s06_lr_schedule"]["value"], state["s06_init"]["value"]) == ("20", "auto", "smooth_jaccard_nll",
-                                                                               "cosine", "he")
+                                                                               "cosine", "lsuv")
     assert (state["s06_lr"]["value"], state["s06_clip_grad_norm"]["value"]) == ("0.003", "1.0")
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 
 from custom_net import sly_seg_dataset as data
 from custom_net.inference import predict_probabilities, prepare_fast_model
-from custom_net.model import build_model, fold_batchnorm, model_list
+from custom_net.model import build_model, encoder_parameters, fold_batchnorm, model_list, scale_to_data
 from custom_net.preprocessing import resize_image, resize_mask
 from custom_net.config import ArgsError, build_parser, parse_config
 from custom_net.train import main
@@ -117,6 +117,49 @@ def test_he_init_keeps_the_signal_alive_from_scratch(name):
         with torch.no_grad():
             stds[init] = build_model(name, 2, "none", init)(x).std().item()
     assert stds["he"] > 5 * stds["original"], stds
+
+
+@pytest.mark.parametrize("name", sorted(model_list))
+def test_lsuv_scales_batchnorm_free_models_to_unit_variance(name):
+    """On the batch it scaled on, every untrained conv of a BatchNorm-free model outputs unit deviation;
+    kept (pretrained) layers and models with BatchNorm are left as they were."""
+    torch.manual_seed(0)
+    model = build_model(name, 3, "none", "lsuv")
+    before = copy.deepcopy(model.state_dict())
+    keep = encoder_parameters(model)  # as when an ImageNet encoder was loaded
+    x = torch.randn(2, 3, 64, 64) * 0.6 + 0.3
+    with_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert scale_to_data(model, x, keep) == (not with_bn) == (name in ("UNet", "UNet11", "UNet16"))
+    after = copy.deepcopy(model.state_dict())
+    parameters = dict(model.named_parameters())
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    stds = {}
+    for conv in convs:
+        conv.register_forward_hook(lambda m, i, o: stds.update({m: o.std().item()}))  # None: output kept
+    with torch.no_grad():
+        model(x)
+    for key, value in before.items():
+        if with_bn or (key in parameters and id(parameters[key]) in keep):
+            assert torch.equal(after[key], value), key
+    scaled = [conv for conv in convs if not with_bn and id(conv.weight) not in keep]
+    assert scaled or with_bn
+    for conv in scaled:
+        assert stds[conv] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_lsuv_runs_on_fresh_models_only(tiny_project, tmp_path):
+    """The default --init lsuv scales a new UNet on its first training batch; weights a run starts from
+    (--custom-weights) and --init he are not scaled."""
+    def scaled(flags):
+        reporter = Messages()
+        main(TINY_TRAIN_ARGS + ["--project-dir", str(tiny_project), "--epochs", "1", *flags], reporter=reporter)
+        return any("--init lsuv" in text for _, text in reporter.messages)
+
+    assert scaled(["--output", str(tmp_path / "fresh")])
+    assert json.loads(RunFolder(tmp_path / "fresh").train_args.read_text())["init"] == "lsuv"
+    weights = next((tmp_path / "fresh" / "checkpoints").glob("model_*_best.pth"))
+    assert not scaled(["--output", str(tmp_path / "custom"), "--custom-weights", str(weights)])
+    assert not scaled(["--output", str(tmp_path / "he"), "--init", "he"])
 
 
 def test_learning_rates_are_the_architectures(tmp_path):
@@ -234,7 +277,7 @@ def test_collapsed_run_warns_with_advice(tiny_project, tmp_path):
     advice = [text for level, text in reporter.messages if level == "warning" and "collapsed" in text]
     assert len(advice) == 1
     # --jaccard-weight 0 switched the log-Jaccard term off; the original init and no clipping are the preset's.
-    for tip in ("--jaccard-weight 0.5", "--init he", "--class-weights", "--epochs", "--clip-grad-norm"):
+    for tip in ("--jaccard-weight 0.5", "--init lsuv", "--class-weights", "--epochs", "--clip-grad-norm"):
         assert tip in advice[0], tip
 
 
