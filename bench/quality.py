@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 import statistics
 import tempfile
 import time
@@ -97,7 +98,8 @@ def engine_argv(project: Path, flags: list[str], epochs: int, seed: int, output:
 def run(shared: list[str], model: str, recipe: str) -> dict:
     history = History()
     start = time.perf_counter()
-    train([*shared, "--model", model, *RECIPES[recipe]], reporter=history)
+    summary = train([*shared, "--model", model, *RECIPES[recipe]], reporter=history)
+    shutil.rmtree(summary["output_dir"])  # the run's checkpoints: a full matrix of them would fill a disk
     return {**outcome(history.records, time.perf_counter() - start), "worst_batch": history.worst_batch()}
 
 
