@@ -148,11 +148,12 @@ def test_lsuv_scales_batchnorm_free_models_to_unit_variance(name):
 
 
 def test_lsuv_runs_on_fresh_models_only(tiny_project, tmp_path):
-    """The default --init lsuv scales a new UNet on its first training batch; weights a run starts from
-    (--custom-weights) and --init he are not scaled."""
+    """The default --init lsuv scales a new UNet11 on a training batch; weights a run starts from
+    (--custom-weights), --init he and the architectures model_list leaves out are not scaled."""
     def scaled(flags):
         reporter = Messages()
-        main(TINY_TRAIN_ARGS + ["--project-dir", str(tiny_project), "--epochs", "1", *flags], reporter=reporter)
+        main(TINY_TRAIN_ARGS + ["--project-dir", str(tiny_project), "--epochs", "1", "--model", "UNet11", *flags],
+             reporter=reporter)
         return any("--init lsuv" in text for _, text in reporter.messages)
 
     assert scaled(["--output", str(tmp_path / "fresh")])
@@ -160,6 +161,7 @@ def test_lsuv_runs_on_fresh_models_only(tiny_project, tmp_path):
     weights = next((tmp_path / "fresh" / "checkpoints").glob("model_*_best.pth"))
     assert not scaled(["--output", str(tmp_path / "custom"), "--custom-weights", str(weights)])
     assert not scaled(["--output", str(tmp_path / "he"), "--init", "he"])
+    assert not scaled(["--output", str(tmp_path / "unet"), "--model", "UNet"])
 
 
 def test_learning_rates_are_the_architectures(tmp_path):
