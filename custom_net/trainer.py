@@ -46,6 +46,7 @@ from custom_net.validation import validate
 from custom_net.visualize import preview_panel, save_charts, save_png
 
 COLLAPSE_ROUNDS = 3  # validation rounds predicting one class before the run warns
+LSUV_IMAGES = 4  # --init lsuv's sample: a forward pass without gradients, less memory than a training step
 FEW_STEPS = 30  # fewer optimizer steps in a whole run than this rarely train a model: the run says so
 
 
@@ -290,10 +291,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
 
     def scale_to_data(self) -> None:
-        """--init lsuv: the untrained layers scaled on a batch of training images spread over the set (neighbours
-        in a project are often alike), by model.scale_to_data. Every process scales on the same images, so
-        DDP's start from rank 0's weights changes nothing."""
-        count = min(self.config.batch_size, len(self.train_data))
+        """--init lsuv: the untrained layers scaled on LSUV_IMAGES training images spread over the set (neighbours
+        in a project are often alike), by model.scale_to_data. Not the batch size: every process, whatever its
+        share of the batch, scales on the same images, so a torchrun run starts as a single process does."""
+        count = min(LSUV_IMAGES, len(self.train_data))
         spread = np.linspace(0, len(self.train_data) - 1, count).round().astype(int)
         images = torch.from_numpy(np.stack([np.asarray(self.train_data.images[i]) for i in spread]))
         inputs = normalize_batch(images.to(self.device)).contiguous(memory_format=self.memory_format)
