@@ -148,7 +148,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", choices=INIT_SCHEMES, default="lsuv",
                    help="initialisation of layers not loaded from ImageNet: he; lsuv = he, then on "
                         + " and ".join(name for name, spec in model_list.items() if spec["lsuv"])
-                        + " each layer scaled to unit output variance on a batch of training images; original = each "
+                        + " each layer scaled to unit output variance on 4 training images; original = each "
                         "layer's default")
     g.add_argument("--bn-momentum", type=_bn_momentum, default="auto",
                    help="BatchNorm running-statistics momentum; auto = 1 / iterations per epoch, at least 0.1 "

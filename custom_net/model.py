@@ -357,11 +357,11 @@ def _merge(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
 # The engine's default recipe per architecture, chosen by bench/quality.py: "lr" is the peak learning
 # rate; "decoder_lr_factor" scales it for the layers outside encoder_modules(). AlbuNet's
 # BatchNorm-free decoder on a ResNet encoder diverges at the 3e-3 its encoder learns best with.
-# "lsuv": whether --init lsuv scales the model on a training batch (scale_to_data); bench/RESULTS.md: it lifted
-# UNet11, made UNet spike on the demo and cost UNet16 on the nuclei.
+# "lsuv": whether --init lsuv scales the model on training images (scale_to_data); bench/RESULTS.md: it lifted
+# UNet11 and UNet and cost UNet16 on the nuclei.
 model_list = {
     "UNet": {"class": UNet, "description": "Classic UNet, trained from scratch", "pretrained_encoder": None,
-             "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": False},
+             "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": True},
     "UNet11": {"class": UNet11, "description": "UNet with a VGG11 encoder (TernausNet)", "pretrained_encoder": "vgg11",
                "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": True},
     "UNet16": {"class": UNet16, "description": "UNet with a VGG16 encoder (TernausNet)", "pretrained_encoder": "vgg16",

@@ -148,7 +148,7 @@ def test_lsuv_scales_batchnorm_free_models_to_unit_variance(name):
 
 
 def test_lsuv_runs_on_fresh_models_only(tiny_project, tmp_path):
-    """The default --init lsuv scales a new UNet11 on a training batch; weights a run starts from
+    """The default --init lsuv scales a new UNet11 on training images; weights a run starts from
     (--custom-weights), --init he and the architectures model_list leaves out are not scaled."""
     def scaled(flags):
         reporter = Messages()
@@ -161,7 +161,7 @@ def test_lsuv_runs_on_fresh_models_only(tiny_project, tmp_path):
     weights = next((tmp_path / "fresh" / "checkpoints").glob("model_*_best.pth"))
     assert not scaled(["--output", str(tmp_path / "custom"), "--custom-weights", str(weights)])
     assert not scaled(["--output", str(tmp_path / "he"), "--init", "he"])
-    assert not scaled(["--output", str(tmp_path / "unet"), "--model", "UNet"])
+    assert not scaled(["--output", str(tmp_path / "unet16"), "--model", "UNet16"])
 
 
 def test_learning_rates_are_the_architectures(tmp_path):
