@@ -19,7 +19,7 @@ from pathlib import Path
 from custom_net import augs, original_app
 from custom_net.hardware import AMP_MODES
 from custom_net.loss import LOSSES
-from custom_net.model import INIT_SCHEMES, model_list
+from custom_net.model import INIT_SCHEMES, LSUV_IMAGES, model_list
 from custom_net.optim import LR_SCHEDULES, OPTIMIZERS
 from custom_net.run_folder import RunFolder
 
@@ -148,7 +148,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", choices=INIT_SCHEMES, default="lsuv",
                    help="initialisation of layers not loaded from ImageNet: he; lsuv = he, then on "
                         + " and ".join(name for name, spec in model_list.items() if spec["lsuv"])
-                        + " each layer scaled to unit output variance on 4 training images; original = each "
+                        + f" each layer scaled to unit output variance on {LSUV_IMAGES} training images; original = each "
                         "layer's default")
     g.add_argument("--bn-momentum", type=_bn_momentum, default="auto",
                    help="BatchNorm running-statistics momentum; auto = 1 / iterations per epoch, at least 0.1 "

@@ -417,6 +417,9 @@ def init_untrained_layers(model: nn.Module, keep: set[int], mode: str = "fan_in"
                 nn.init.zeros_(module.bias)
 
 
+LSUV_IMAGES = 4  # --init lsuv's sample: a forward pass without gradients, less memory than a training step
+
+
 @torch.no_grad()
 def scale_to_data(model: nn.Module, inputs: torch.Tensor, keep: set[int]) -> bool:
     """Layer-sequential unit-variance scaling (LSUV), for architectures without BatchNorm: in one forward

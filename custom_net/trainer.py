@@ -35,7 +35,8 @@ from custom_net.evaluate import evaluate_training_run
 from custom_net.hardware import dtype_name, resolve_amp, resolve_num_workers
 from custom_net.inference import predict_probabilities
 from custom_net.loss import build_loss
-from custom_net.model import build_model as build_architecture, encoder_parameters, model_list, scale_to_data
+from custom_net.model import (LSUV_IMAGES, build_model as build_architecture, encoder_parameters, model_list,
+                              scale_to_data)
 from custom_net.optim import SCHEDULE_OPTIONS, build_optimizer, build_scheduler, current_lr, parameter_groups, set_bn_momentum
 from custom_net.preprocessing import normalize_batch
 from custom_net.quantize import save_calibration_images
@@ -46,7 +47,6 @@ from custom_net.validation import validate
 from custom_net.visualize import preview_panel, save_charts, save_png
 
 COLLAPSE_ROUNDS = 3  # validation rounds predicting one class before the run warns
-LSUV_IMAGES = 4  # --init lsuv's sample: a forward pass without gradients, less memory than a training step
 FEW_STEPS = 30  # fewer optimizer steps in a whole run than this rarely train a model: the run says so
 
 
