@@ -18,7 +18,7 @@ from pathlib import Path
 
 from custom_net import augs, original_app
 from custom_net.hardware import AMP_MODES
-from custom_net.loss import LOSSES
+from custom_net.loss import LOSSES, SmoothJaccardNLLLoss
 from custom_net.model import INIT_SCHEMES, LSUV_IMAGES, model_list
 from custom_net.optim import LR_SCHEDULES, OPTIMIZERS
 from custom_net.run_folder import RunFolder
@@ -170,8 +170,9 @@ def _training_options(p: argparse.ArgumentParser) -> None:
                         f"{AUTO_BATCH_MIN_STEPS} steps an epoch (small projects learn in more, smaller steps)")
     g.add_argument("--loss", choices=list(LOSSES), default="smooth_jaccard_nll",
                    help="jaccard_nll = the original's (1-w)*NLL - w*sum log(soft Jaccard), smoothed by 1e-15 (a class "
-                        "absent from a batch adds ~35); smooth_jaccard_nll = the same smoothed by one pixel (an absent "
-                        "class adds log(1 + its predicted area)); ce_dice = cross-entropy + soft Dice")
+                        "absent from a batch adds ~35); smooth_jaccard_nll = the same smoothed by "
+                        f"{SmoothJaccardNLLLoss.smooth:g} pixels (an absent class adds log(1 + its predicted area / {SmoothJaccardNLLLoss.smooth:g})); "
+                        "ce_dice = cross-entropy + soft Dice")
     g.add_argument("--jaccard-weight", type=_fraction, default=0.5, help="w in the loss (Jaccard or Dice share)")
     g.add_argument("--class-weights", nargs="+", type=float, metavar="W", help="per-class loss weights, in class-id order")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, initial weights, order and augmentations")
