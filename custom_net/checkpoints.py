@@ -1,4 +1,4 @@
-"""The checkpoints a run keeps: plain state dicts, written atomically."""
+"""The checkpoints a run keeps: plain state dicts of the architecture (training norms folded), written atomically."""
 from __future__ import annotations
 
 import math
@@ -6,6 +6,7 @@ from pathlib import Path
 
 from custom_net.run_folder import RunFolder, checkpoints_in
 from custom_net.storage import atomic_torch_save
+from custom_net.train_norms import deployable_state_dict
 
 
 class CheckpointSaver:
@@ -23,7 +24,7 @@ class CheckpointSaver:
 
     def _save(self, model, name: str) -> Path:
         path = self.directory / name
-        atomic_torch_save(model.state_dict(), path)
+        atomic_torch_save(deployable_state_dict(model), path)
         return path
 
     def on_epoch_end(self, model, epoch: int, metrics: dict | None) -> None:

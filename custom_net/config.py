@@ -34,7 +34,7 @@ AUTO_BATCH_SIZES, AUTO_BATCH_MIN_STEPS = (8, 4), 6
 # Options whose default depends on the architecture (model_list holds the values).
 MODEL_DEFAULTS = ("lr", "decoder_lr_factor")
 # Resuming a run started before an option existed: the behaviour of that time (and its optimizer layout).
-BEFORE_OPTION_EXISTED = dict(bn_momentum=0.1, decoder_lr_factor=1.0)
+BEFORE_OPTION_EXISTED = dict(bn_momentum=0.1, decoder_lr_factor=1.0, train_batchnorm="off")
 
 # --demo: small enough to train on a laptop CPU in a few minutes.
 DEMO_DEFAULTS = dict(model="UNet", encoder_weights="none", epochs=20, input_height=128, input_width=160,
@@ -148,8 +148,13 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", choices=INIT_SCHEMES, default="lsuv",
                    help="initialisation of layers not loaded from ImageNet: he; lsuv = he, then on "
                         + " and ".join(name for name, spec in model_list.items() if spec["lsuv"])
-                        + f" each layer scaled to unit output variance on {LSUV_IMAGES} training images; original = each "
+                        + f" trained without BatchNorm (--train-batchnorm off) each layer scaled to unit output variance on {LSUV_IMAGES} training images; original = each "
                         "layer's default")
+    trains = ", ".join(name for name, spec in model_list.items() if spec["train_batchnorm"])
+    g.add_argument("--train-batchnorm", choices=("auto", "on", "off"), default="auto",
+                   help=f"{trains} (no BatchNorm of their own): train with a BatchNorm after every conv layer but "
+                        "the head, folded into the convs when saved, so checkpoints keep the architecture's layout; "
+                        "auto = on when the whole model starts from scratch (no ImageNet or --custom-weights)")
     g.add_argument("--bn-momentum", type=_bn_momentum, default="auto",
                    help="BatchNorm running-statistics momentum; auto = 1 / iterations per epoch, at least 0.1 "
                         "(PyTorch's), so the statistics validation uses cover about the last epoch")
@@ -331,6 +336,7 @@ class TrainConfig:
     model: str
     encoder_weights: str
     init: str
+    train_batchnorm: str  # 'auto' until custom_net.trainer resolves it
     bn_momentum: str | float
     custom_weights: str
     custom_weights_classes: str | None
@@ -453,6 +459,8 @@ def _check(values: dict, given: set[str]) -> None:
         raise ArgsError("--split datasets needs --train-datasets and --val-datasets")
     if values["split"] == "files" and not (values["train_set"] and values["val_set"]):
         raise ArgsError("--split files needs --train-set and --val-set")
+    if values["train_batchnorm"] == "on" and not model_list[values["model"]]["train_batchnorm"]:
+        raise ArgsError(f"--train-batchnorm on: {values['model']} has BatchNorm of its own; use auto or off")
     if values["checkpoint_interval"] < 0:
         raise ArgsError("--checkpoint-interval must be >= 0")
 

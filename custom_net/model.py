@@ -341,15 +341,21 @@ def fold_batchnorm(model: nn.Module, sample_size: int = 64) -> nn.Module:
     return folded
 
 
-def _merge(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
+def folded_weights(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of one convolution computing ``conv`` followed by ``bn`` in eval mode."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
     shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
     out_dim = 1 if isinstance(conv, nn.ConvTranspose2d) else 0  # ConvTranspose2d weights are (in, out, kh, kw)
     shape = [1] * conv.weight.dim()
     shape[out_dim] = -1
-    conv.weight.mul_(scale.view(shape))
     bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
-    conv.bias = nn.Parameter(bias * scale + shift)
+    return conv.weight * scale.view(shape), bias * scale + shift
+
+
+def _merge(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
+    weight, bias = folded_weights(conv, bn)
+    conv.weight.copy_(weight)
+    conv.bias = nn.Parameter(bias)
 
 
 # The architecture registry: the CLI choices, the dashboard's model table and the tests all read it.
@@ -358,18 +364,19 @@ def _merge(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
 # rate; "decoder_lr_factor" scales it for the layers outside encoder_modules(). AlbuNet's
 # BatchNorm-free decoder on a ResNet encoder diverges at the 3e-3 its encoder learns best with.
 # "lsuv": whether --init lsuv scales the model on training images (scale_to_data); bench/RESULTS.md: it lifted
-# UNet11 and UNet and cost UNet16 on the nuclei.
+# UNet11 and UNet and cost UNet16 on the nuclei (without --train-batchnorm, which makes it moot).
+# "train_batchnorm": the architecture has no BatchNorm, so --train-batchnorm may add one (custom_net.train_norms).
 model_list = {
     "UNet": {"class": UNet, "description": "Classic UNet, trained from scratch", "pretrained_encoder": None,
-             "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": True},
+             "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": True, "train_batchnorm": True},
     "UNet11": {"class": UNet11, "description": "UNet with a VGG11 encoder (TernausNet)", "pretrained_encoder": "vgg11",
-               "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": True},
+               "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": True, "train_batchnorm": True},
     "UNet16": {"class": UNet16, "description": "UNet with a VGG16 encoder (TernausNet)", "pretrained_encoder": "vgg16",
-               "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": False},
+               "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": False, "train_batchnorm": True},
     "AlbuNet": {"class": AlbuNet, "description": "UNet with a ResNet34 encoder", "pretrained_encoder": "resnet34",
-                "lr": 3e-3, "decoder_lr_factor": 0.33, "lsuv": False},
+                "lr": 3e-3, "decoder_lr_factor": 0.33, "lsuv": False, "train_batchnorm": False},
     "LinkNet34": {"class": LinkNet34, "description": "LinkNet with a ResNet34 encoder", "pretrained_encoder": "resnet34",
-                  "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": False},
+                  "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": False, "train_batchnorm": False},
 }
 
 

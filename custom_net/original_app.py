@@ -16,7 +16,7 @@ from custom_net.run_folder import RunFolder
 ORIGINAL_RECIPE = dict(
     loss="jaccard_nll", jaccard_weight=0.5, class_weights=None,
     scheduler_order="before",  # its scheduler.step() came before each epoch: every decay an epoch early
-    init="original", clip_grad_norm=0.0, bn_momentum=0.1, decoder_lr_factor=1.0,
+    init="original", clip_grad_norm=0.0, bn_momentum=0.1, decoder_lr_factor=1.0, train_batchnorm="off",
     best_metric="val_loss",  # model_NNN_best.pth: the lowest validation loss so far (strictly lower replaces it)
 )
 

@@ -1,7 +1,7 @@
 """A training run, phase by phase.
 
     check_inputs     project, classes, splits, augmentations, previews, encoder weights: all before any output
-    build_model      architecture, initial and custom weights
+    build_model      architecture, initial and custom weights, training BatchNorm (custom_net.train_norms)
     prepared_data    the decoded-image caches of both splits
     Trainer          set up (device, optimizer, schedule, loaders), open the run folder or resume it, then per
                      epoch: train, validate, save; and the end: last checkpoint, charts, evaluation, summary
@@ -43,6 +43,7 @@ from custom_net.quantize import save_calibration_images
 from custom_net.reporting import Reporter
 from custom_net.run_folder import SPLITS, RunFolder
 from custom_net.storage import StorageError, atomic_torch_save, atomic_write_json, atomic_write_text
+from custom_net.train_norms import add_training_norms
 from custom_net.validation import validate
 from custom_net.visualize import preview_panel, save_charts, save_png
 
@@ -101,6 +102,7 @@ def check_inputs(config: TrainConfig, report) -> tuple[TrainConfig, Inputs]:
     augs_config = augs.load_augs_config(config.sly_augs_path) if config.sly_augs_path else None
     vis = vis_items(config, train_items, val_items)
     config = config.replace(encoder_weights=resolve_encoder_weights(config, report))
+    config = config.replace(train_batchnorm=resolve_train_batchnorm(config))
     return config, Inputs(project, model_classes, train_items, val_items, augs_config, vis)
 
 
@@ -168,6 +170,15 @@ def resolve_encoder_weights(config: TrainConfig, report) -> str:
     return "imagenet"
 
 
+def resolve_train_batchnorm(config: TrainConfig) -> str:
+    """--train-batchnorm auto: on for an architecture without BatchNorm that starts wholly from scratch
+    (bench/RESULTS.md: it learns much faster); off where layers start trained, as it was."""
+    if config.train_batchnorm != "auto":
+        return config.train_batchnorm
+    scratch = config.encoder_weights == "none" and not config.custom_weights
+    return "on" if scratch and model_list[config.model]["train_batchnorm"] else "off"
+
+
 def build_model(config: TrainConfig, class_names: list[str], report) -> torch.nn.Module:
     model = build_architecture(config.model, len(class_names), config.encoder_weights, config.init)
     if config.custom_weights:
@@ -175,6 +186,8 @@ def build_model(config: TrainConfig, class_names: list[str], report) -> torch.nn
             load_custom_weights(model, config.custom_weights, class_names, report, config.custom_weights_classes)
         except CustomWeightsError as e:
             raise ArgsError(str(e)) from None
+    if config.train_batchnorm == "on":
+        add_training_norms(model)
     return model
 
 

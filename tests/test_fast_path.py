@@ -148,15 +148,17 @@ def test_lsuv_scales_batchnorm_free_models_to_unit_variance(name):
 
 
 def test_lsuv_runs_on_fresh_models_only(tiny_project, tmp_path):
-    """The default --init lsuv scales a new UNet11 on training images; weights a run starts from
-    (--custom-weights), --init he and the architectures model_list leaves out are not scaled."""
+    """The default --init lsuv scales a new UNet11 trained without BatchNorm on training images; weights a
+    run starts from (--custom-weights), --init he, the architectures model_list leaves out and a model that
+    trains with BatchNorm (--train-batchnorm, on by default from scratch) are not scaled."""
     def scaled(flags):
         reporter = Messages()
-        main(TINY_TRAIN_ARGS + ["--project-dir", str(tiny_project), "--epochs", "1", "--model", "UNet11", *flags],
-             reporter=reporter)
+        main(TINY_TRAIN_ARGS + ["--project-dir", str(tiny_project), "--epochs", "1", "--model", "UNet11",
+                                "--train-batchnorm", "off", *flags], reporter=reporter)
         return any("--init lsuv" in text for _, text in reporter.messages)
 
     assert scaled(["--output", str(tmp_path / "fresh")])
+    assert not scaled(["--output", str(tmp_path / "normalised"), "--train-batchnorm", "auto"])
     assert json.loads(RunFolder(tmp_path / "fresh").train_args.read_text())["init"] == "lsuv"
     weights = next((tmp_path / "fresh" / "checkpoints").glob("model_*_best.pth"))
     assert not scaled(["--output", str(tmp_path / "custom"), "--custom-weights", str(weights)])

@@ -328,11 +328,11 @@ ORIGINAL_DASHBOARD_ARGV = ["--epochs", "10", "--input-height", "256", "--input-w
                            "--checkpoint-interval", "1", "--save-last", "--save-best", "--max-keep-ckpts", "3",
                            "--sly-augs-path", "seg_simple", "--vis-count", "1"]
 # What it did with no flag for it (custom_net/utils.py, loss.py): LossMulti = (1-w) NLL - w log Jaccard,
-# scheduler.step() before each epoch, no clipping, layers' own init, BatchNorm's default momentum, the best
-# checkpoint by validation loss, a preview every max(1, epochs // 20) epochs.
+# scheduler.step() before each epoch, no clipping, layers' own init, BatchNorm's default momentum, no BatchNorm
+# in UNet / UNet11 / UNet16, the best checkpoint by validation loss, a preview every max(1, epochs // 20) epochs.
 ORIGINAL_BEHAVIOUR = {"loss": "jaccard_nll", "jaccard_weight": 0.5, "scheduler_order": "before", "clip_grad_norm": 0.0,
-                      "init": "original", "bn_momentum": 0.1, "decoder_lr_factor": 1.0, "best_metric": "val_loss",
-                      "vis_interval": 1}
+                      "init": "original", "bn_momentum": 0.1, "train_batchnorm": "off", "decoder_lr_factor": 1.0,
+                      "best_metric": "val_loss", "vis_interval": 1}
 
 
 def _readme_preset_table() -> dict[str, str]:

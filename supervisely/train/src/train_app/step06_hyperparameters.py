@@ -16,7 +16,8 @@ from train_app.wizard import Step
 SECTIONS = [
     ("Recipe", ["preset"]),
     ("Input size", ["input_height", "input_width"]),
-    ("Training", ["epochs", "batch_size", "loss", "jaccard_weight", "class_weights", "seed", "init", "bn_momentum"]),
+    ("Training", ["epochs", "batch_size", "loss", "jaccard_weight", "class_weights", "seed", "init", "train_batchnorm",
+                  "bn_momentum"]),
     ("Optimizer", ["optimizer", "lr", "decoder_lr_factor", "momentum", "weight_decay", "nesterov", "clip_grad_norm"]),
     ("Learning-rate schedule", ["lr_schedule", "step_size", "gamma_step", "milestones", "gamma_exp",
                                 "warmup_epochs", "min_lr", "scheduler_order"]),
@@ -41,7 +42,7 @@ SET_ELSEWHERE = {
 }
 # Where the engine's flag name or help says too little on a page.
 LABELS = {"preset": "Recipe", "gpu_id": "Devices", "eval": "Run evaluation", "speed_test": "Speed test",
-          "init": "Initialisation", "amp": "Mixed precision", "compile": "torch.compile",
+          "init": "Initialisation", "train_batchnorm": "BatchNorm while training", "amp": "Mixed precision", "compile": "torch.compile",
           "sync_bn": "SyncBatchNorm", "dist_timeout": "Distributed timeout, s"}
 HELP = {
     "preset": "choosing one fills every field the recipe decides (epochs, batch and input size, optimizer, learning "
