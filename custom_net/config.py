@@ -148,8 +148,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", choices=INIT_SCHEMES, default="lsuv",
                    help="initialisation of layers not loaded from ImageNet: he; lsuv = he, then on "
                         + " and ".join(name for name, spec in model_list.items() if spec["lsuv"])
-                        + f" trained without BatchNorm (--train-batchnorm off) each layer scaled to unit output variance on {LSUV_IMAGES} training images; original = each "
-                        "layer's default")
+                        + " trained without BatchNorm (--train-batchnorm off) each layer scaled to unit output "
+                        f"variance on {LSUV_IMAGES} training images; original = each layer's default")
     trains = ", ".join(name for name, spec in model_list.items() if spec["train_batchnorm"])
     g.add_argument("--train-batchnorm", choices=("auto", "on", "off"), default="auto",
                    help=f"{trains} (no BatchNorm of their own): train with a BatchNorm after every conv layer but "

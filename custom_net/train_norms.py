@@ -4,7 +4,8 @@ UNet, UNet11 and UNet16 have no BatchNorm, as in the original app, and from scra
 small budget (bench/RESULTS.md). ``add_training_norms`` puts a BatchNorm after every conv layer but the head,
 as a forward hook, so the architecture's modules and names stay as they are. In eval mode a BatchNorm is a
 per-channel affine map, which ``deployable_state_dict`` folds into its conv's weights and bias: checkpoints
-hold the plain architecture, load in the original app and give exactly the outputs validation saw.
+hold the plain architecture, load in the original app and give the outputs validation saw (to float
+rounding).
 """
 from __future__ import annotations
 

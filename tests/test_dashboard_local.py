@@ -157,8 +157,10 @@ def test_recipe_fills_the_fields_it_decides(app):
             state["s06_init"]["value"], state["s06_best_metric"]["value"]) == ("jaccard_nll", "none", "before",
                                                                               "original", "val_loss")
     assert state["s06_input_height"]["value"] == "256" and state["s06_seed"]["value"] == "7"
+    assert state["s06_train_batchnorm"]["value"] == "off"
     app.post("s06_preset/value_changed", s06_preset={"value": "default"})
     state = app.state()
+    assert state["s06_train_batchnorm"]["value"] == "auto"
     assert (state["s06_epochs"]["value"], state["s06_batch_size"]["value"], state["s06_loss"]["value"],
             state["s06_lr_schedule"]["value"], state["s06_init"]["value"]) == ("20", "auto", "smooth_jaccard_nll",
                                                                                "cosine", "lsuv")
