@@ -183,10 +183,15 @@ def train_setup(name: str, device, fast: bool, compile_model: bool, num_classes:
     from custom_net.config import parse_config
     from custom_net.hardware import resolve_amp
     from custom_net.optim import build_optimizer, parameter_groups
+    from custom_net.train_norms import add_training_norms
+    from custom_net.trainer import resolve_train_batchnorm
 
     recipe = parse_config(["--project-dir", ".", "--model", name])  # the engine's default recipe, on both sides
+    recipe = recipe.replace(encoder_weights="none")
     torch.manual_seed(0)
     model = build_model(name, num_classes, "none")
+    if resolve_train_batchnorm(recipe) == "on":  # from scratch the engine trains these with BatchNorm
+        add_training_norms(model)
     memory_format = torch.channels_last if fast else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     amp_dtype = resolve_amp("auto" if fast else "off", device)
