@@ -49,8 +49,8 @@ def _tiny_args(**overrides) -> list[str]:
 def run_dir(tiny_project, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "run"
     # --init he: test_int8_runtime_predicts_like_float32 counts every pixel, and this barely trained UNet
-    # (4 epochs at 64x64) agreed with float32 on 0.914 of them when lsuv-scaled. Trained on the demo, an
-    # lsuv-scaled UNet agrees on 0.999 (He: 0.994; bench/RESULTS.md).
+    # (4 epochs at 64x64) agreed with float32 on 0.914 of them when lsuv-scaled without BatchNorm. From
+    # scratch it now trains with BatchNorm (--train-batchnorm auto), where lsuv leaves the layers as He made them.
     result = run_cli("--project-dir", str(tiny_project), *_tiny_args(epochs=EPOCHS), "--init", "he",
                      "--checkpoint-interval", "1", "--max-keep-ckpts", "2", "--sly-augs-path", AUGS,
                      "--amp", "off", "--num-workers", "0", "--output", str(out))
