@@ -8,9 +8,9 @@ defaults, --preset original and (with --peers) other libraries' models.
     python bench/quality.py --peers smp_unet smp_linknet --seeds 3   # beside smp's Unet / Linknet, 3 seeds
 
 Recipes: "defaults" (this app's), "previous" (the defaults before issue #23: the loss jaccard_nll at batch
-8, --init he, no training BatchNorm) and "original" (--preset original). Trained from scratch (no ImageNet weights), seed 0 (--seeds N: seeds
-0..N-1, mean ± sample stdev; on demo and lemons a seed also draws a random split). Reports the final mean
-foreground IoU on the validation split, the wall-clock time of each run and the worst batch loss ÷ its
+8, --init he, no training BatchNorm) and "original" (--preset original). Trained from scratch (no ImageNet
+weights), seed 0 (--seeds N: seeds 0..N-1, mean ± sample stdev; on demo and lemons a seed also draws a
+random split). Reports the final mean foreground IoU on the validation split, the wall-clock time of each run and the worst batch loss ÷ its
 epoch's median; with --peers also the best IoU over the epochs. Peers (bench/peers.py; pip install -r
 requirements-dev.txt) train on the same data, split, size, epochs, batch (the defaults', so the same steps)
 and seed with their own recipe; they do not depend on --models, so each trains once per dataset and seed
@@ -41,7 +41,8 @@ from custom_net.reporting import Reporter
 from custom_net.train import main as train
 
 LEMONS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lemons_annotated"
-RECIPES = {"defaults": [], "previous": ["--loss", "jaccard_nll", "--batch-size", "8", "--init", "he", "--train-batchnorm", "off"],
+RECIPES = {"defaults": [],
+           "previous": ["--loss", "jaccard_nll", "--batch-size", "8", "--init", "he", "--train-batchnorm", "off"],
            "original": ["--preset", "original"]}
 DEFAULT_EPOCHS = {"demo": 10, "lemons": 40, "membranes": 10, "membranes_hard": 10, "nuclei": 20}
 

@@ -37,7 +37,8 @@ EPOCHS = 2
 # Without BatchNorm (--train-batchnorm off): each process normalises its own share of the batch, so only a
 # BatchNorm-free model can match a single process's run number for number.
 ARGS = ["--model", "UNet", "--train-batchnorm", "off", "--input-height", "64", "--input-width", "64",
-        "--epochs", str(EPOCHS), "--encoder-weights", "none", "--gpu-id", "cpu", "--amp", "off", "--jaccard-weight", "0",
+        "--epochs", str(EPOCHS), "--encoder-weights", "none", "--gpu-id", "cpu", "--amp", "off",
+        "--jaccard-weight", "0",
         "--sly-augs-path", "seg_simple_rotate_crop_flipLR", "--vis-count", "2", "--dist-timeout", "30",
         "--num-workers", "0", "--reporter", "none"]
 UI_STATE = {"selectedModel": "UNet", "imgSize": {"width": 64, "height": 64}, "gpusId": [0, 1]}  # the dashboard's

@@ -42,7 +42,8 @@ SET_ELSEWHERE = {
 }
 # Where the engine's flag name or help says too little on a page.
 LABELS = {"preset": "Recipe", "gpu_id": "Devices", "eval": "Run evaluation", "speed_test": "Speed test",
-          "init": "Initialisation", "train_batchnorm": "BatchNorm while training", "amp": "Mixed precision", "compile": "torch.compile",
+          "init": "Initialisation", "train_batchnorm": "BatchNorm while training", "amp": "Mixed precision",
+          "compile": "torch.compile",
           "sync_bn": "SyncBatchNorm", "dist_timeout": "Distributed timeout, s"}
 HELP = {
     "preset": "choosing one fills every field the recipe decides (epochs, batch and input size, optimizer, learning "
