@@ -7,14 +7,14 @@ defaults, --preset original and (with --peers) other libraries' models.
     python bench/quality.py --epochs 10 --record     # one budget for all; append the table to bench/RESULTS.md
     python bench/quality.py --peers smp_unet smp_linknet --seeds 3   # beside smp's Unet / Linknet, 3 seeds
 
-Recipes: "defaults" (this app's), "previous" (the defaults before issue #23: the loss jaccard_nll at batch
-8, --init he, no training BatchNorm) and "original" (--preset original). Trained from scratch (no ImageNet
-weights), seed 0 (--seeds N: seeds 0..N-1, mean ± sample stdev; on demo and lemons a seed also draws a
-random split). Reports the final mean foreground IoU on the validation split, the wall-clock time of each
-run and the worst batch loss ÷ its epoch's median; with --peers also the best IoU over the epochs. Peers (bench/peers.py; pip install -r
-requirements-dev.txt) train on the same data, split, size, epochs, batch (the defaults', so the same steps)
-and seed with their own recipe; they do not depend on --models, so each trains once per dataset and seed
-and is shown on every model's row. Our times include the engine's per-epoch checkpoints and charts.
+Recipes: "defaults" (this app's), "previous" (the defaults before issue #23: the loss jaccard_nll at batch 8,
+--init he, no training BatchNorm) and "original" (--preset original). Trained from scratch (no ImageNet
+weights), seed 0 (--seeds N: seeds 0..N-1, mean ± sample stdev; on demo and lemons a seed also draws a random
+split). Reports the final mean foreground IoU on the validation split, the wall-clock time of each run and the
+worst batch loss ÷ its epoch's median; with --peers also the best IoU over the epochs. Peers (bench/peers.py;
+pip install -r requirements-dev.txt) train on the same data, split, size, epochs, batch (the defaults', so the
+same steps) and seed with their own recipe; they do not depend on --models, so each trains once per dataset
+and seed and is shown on every model's row. Our times include the engine's per-epoch checkpoints and charts.
 
 Budgets are in epochs, the same for every architecture and recipe on a dataset. By default 10, except
 on lemons (5 training images) 40 and on nuclei (12) 20: the 40 iterations that 10 epochs give a 25-image
