@@ -152,8 +152,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                         f"variance on {LSUV_IMAGES} training images; original = each layer's default")
     trains = ", ".join(name for name, spec in model_list.items() if spec["train_batchnorm"])
     g.add_argument("--train-batchnorm", choices=("auto", "on", "off"), default="auto",
-                   help=f"{trains} (no BatchNorm of their own): train with a BatchNorm after every conv layer but "
-                        "the head, folded into the convs when saved, so checkpoints keep the architecture's layout; "
+                   help=f"{trains}: train with a BatchNorm after every conv layer without one but the head, "
+                        "folded into the convs when saved, so checkpoints keep the architecture's layout; "
                         "auto = on when the whole model starts from scratch (no ImageNet or --custom-weights)")
     g.add_argument("--bn-momentum", type=_bn_momentum, default="auto",
                    help="BatchNorm running-statistics momentum; auto = 1 / iterations per epoch, at least 0.1 "
@@ -460,7 +460,8 @@ def _check(values: dict, given: set[str]) -> None:
     if values["split"] == "files" and not (values["train_set"] and values["val_set"]):
         raise ArgsError("--split files needs --train-set and --val-set")
     if values["train_batchnorm"] == "on" and not model_list[values["model"]]["train_batchnorm"]:
-        raise ArgsError(f"--train-batchnorm on: {values['model']} has BatchNorm of its own; use auto or off")
+        raise ArgsError(f"--train-batchnorm on: {values['model']} trains without it (bench/RESULTS.md); "
+                        "use auto or off")
     if values["checkpoint_interval"] < 0:
         raise ArgsError("--checkpoint-interval must be >= 0")
 

@@ -365,7 +365,8 @@ def _merge(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
 # BatchNorm-free decoder on a ResNet encoder diverges at the 3e-3 its encoder learns best with.
 # "lsuv": whether --init lsuv scales the model on training images (scale_to_data); bench/RESULTS.md: it lifted
 # UNet11 and UNet and cost UNet16 on the nuclei (without --train-batchnorm, which makes it moot).
-# "train_batchnorm": the architecture has no BatchNorm, so --train-batchnorm may add one (custom_net.train_norms).
+# "train_batchnorm": --train-batchnorm may add a BatchNorm after the conv layers without one (custom_net.train_norms):
+# all of UNet's, UNet11's and UNet16's, LinkNet34's last two. AlbuNet's decoder with them was not better.
 model_list = {
     "UNet": {"class": UNet, "description": "Classic UNet, trained from scratch", "pretrained_encoder": None,
              "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": True, "train_batchnorm": True},
@@ -376,7 +377,7 @@ model_list = {
     "AlbuNet": {"class": AlbuNet, "description": "UNet with a ResNet34 encoder", "pretrained_encoder": "resnet34",
                 "lr": 3e-3, "decoder_lr_factor": 0.33, "lsuv": False, "train_batchnorm": False},
     "LinkNet34": {"class": LinkNet34, "description": "LinkNet with a ResNet34 encoder", "pretrained_encoder": "resnet34",
-                  "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": False, "train_batchnorm": False},
+                  "lr": 3e-3, "decoder_lr_factor": 1.0, "lsuv": False, "train_batchnorm": True},
 }
 
 

@@ -12,6 +12,8 @@ from custom_net.train_norms import ATTRIBUTE, add_training_norms, deployable_sta
 from custom_net.trainer import resolve_train_batchnorm
 
 NORMALISED = [name for name, spec in model_list.items() if spec["train_batchnorm"]]
+# The conv layers whose output no BatchNorm of the architecture takes, where it has some (the head excluded).
+WITHOUT_OWN_NORM = {"LinkNet34": ["finaldeconv1", "finalconv2"]}
 
 
 def _trained_a_little(name: str) -> torch.nn.Module:
@@ -39,11 +41,21 @@ def test_saved_weights_are_the_plain_architecture_computing_what_validation_saw(
     with torch.inference_mode():
         expected, got = model(x), plain(x)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
-    # Every conv but the head is normalised: the head's logits stay free.
-    convs = [m for m in plain.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
-    assert len(getattr(model, ATTRIBUTE)) == len(convs) - 1
-    head = plain.final if hasattr(plain, "final") else plain.conv_final
-    assert convs[-1] is head
+    # Every conv without a BatchNorm of its own is normalised, but the head: its logits stay free.
+    convs = [name for name, m in plain.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    expected = WITHOUT_OWN_NORM.get(name, convs[:-1])
+    assert model.training_norm_convs == expected
+    assert len(getattr(model, ATTRIBUTE)) == len(expected)
+    assert convs[-1] in ("final", "conv_final", "finalconv3") and convs[-1] not in expected
+
+
+def test_finding_the_convs_leaves_the_model_as_it_was():
+    model = build_model("LinkNet34", num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    add_training_norms(model)
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # its own BatchNorms' statistics too
 
 
 def test_a_conv_registered_twice_is_folded_under_both_names():
@@ -71,11 +83,10 @@ def test_a_copy_uses_its_own_norms_and_a_swapped_norm_is_the_one_run():
         assert calls == [1]
 
 
-def test_architectures_with_batchnorm_refuse_it_and_auto_follows_the_start(tmp_path):
+def test_albunet_refuses_it_and_auto_follows_the_start(tmp_path):
     project = ["--project-dir", str(tmp_path)]
-    for name in ("AlbuNet", "LinkNet34"):
-        with pytest.raises(ArgsError, match=f"--train-batchnorm on: {name}"):
-            parse_config([*project, "--model", name, "--train-batchnorm", "on"])
+    with pytest.raises(ArgsError, match="--train-batchnorm on: AlbuNet"):
+        parse_config([*project, "--model", "AlbuNet", "--train-batchnorm", "on"])
 
     def resolved(*flags, weights="none"):
         return resolve_train_batchnorm(parse_config([*project, *flags]).replace(encoder_weights=weights))
@@ -83,7 +94,9 @@ def test_architectures_with_batchnorm_refuse_it_and_auto_follows_the_start(tmp_p
     assert resolved("--model", "UNet16") == "on"
     assert resolved("--model", "UNet16", weights="imagenet") == "off"  # trained layers: as it was
     assert resolved("--model", "UNet", "--custom-weights", str(tmp_path / "w.pth")) == "off"
-    assert resolved("--model", "LinkNet34") == "off"
+    assert resolved("--model", "LinkNet34") == "on"
+    assert resolved("--model", "LinkNet34", weights="imagenet") == "off"
+    assert resolved("--model", "AlbuNet") == "off"
     assert resolved("--model", "UNet", "--preset", "original") == "off"
     assert resolved("--model", "UNet11", "--train-batchnorm", "off") == "off"
     assert resolved("--model", "UNet11", "--train-batchnorm", "on", weights="imagenet") == "on"
