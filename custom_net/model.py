@@ -312,26 +312,20 @@ def fold_batchnorm(model: nn.Module, sample_size: int = 64) -> nn.Module:
     Its state dict has another layout: save checkpoints from the training model, never from this."""
     model = model.eval()
     folded = copy.deepcopy(model)
-    produced, pairs, hooks = {}, [], []
-    for module in folded.modules():
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.groups == 1:
-            hooks.append(module.register_forward_hook(lambda m, i, o: produced.__setitem__(id(o), (o, m))))
-        elif isinstance(module, nn.BatchNorm2d) and module.track_running_stats:
-            hooks.append(module.register_forward_hook(lambda m, i, o: pairs.append((produced.get(id(i[0])), m))))
     device = next(model.parameters()).device
     sample = torch.randn(1, 3, sample_size, sample_size, generator=torch.Generator().manual_seed(0)).to(device)
-    expected = folded(sample)
-    for hook in hooks:
-        hook.remove()
+    traced, expected = conv_batchnorm_pairs(folded, sample)
+    pairs = [(conv if conv is not None and conv.groups == 1 else None, bn) for conv, bn in traced
+             if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats]
     if not pairs:
         return model
-    convs = [entry[1] for entry, _ in pairs if entry is not None]
+    convs = [conv for conv, _ in pairs if conv is not None]
     bns = [bn for _, bn in pairs]
-    for entry, bn in pairs:
+    for conv, bn in pairs:
         # A module run twice in one pass (shared weights) cannot be folded for one of its uses only.
-        if entry is None or convs.count(entry[1]) > 1 or bns.count(bn) > 1:
+        if conv is None or convs.count(conv) > 1 or bns.count(bn) > 1:
             continue
-        _merge(entry[1], bn)
+        _merge(conv, bn)
         for parent in folded.modules():  # the ResNet models register encoder layers under two names
             for name, child in list(parent.named_children()):
                 if child is bn:
@@ -339,6 +333,27 @@ def fold_batchnorm(model: nn.Module, sample_size: int = 64) -> nn.Module:
     if not torch.allclose(folded(sample), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()):
         return model
     return folded
+
+
+@torch.no_grad()
+def conv_batchnorm_pairs(model: nn.Module, sample: torch.Tensor
+                         ) -> tuple[list[tuple[nn.Module | None, nn.Module]], torch.Tensor]:
+    """Runs ``model`` on ``sample``: (for each BatchNorm call in order, the conv layer whose output it took,
+    or None where its input came from elsewhere; the model's output)."""
+    produced, pairs, hooks = {}, [], []
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            # Each output is kept alive, so that no later tensor takes its id.
+            hooks.append(module.register_forward_hook(lambda m, i, o: produced.__setitem__(id(o), (o, m))))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            hooks.append(module.register_forward_hook(
+                lambda m, i, o: pairs.append((produced.get(id(i[0]), (None, None))[1], m))))
+    try:
+        output = model(sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return pairs, output
 
 
 def folded_weights(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

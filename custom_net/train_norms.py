@@ -15,34 +15,24 @@ import functools
 import torch
 from torch import nn
 
-from custom_net.model import folded_weights
+from custom_net.model import conv_batchnorm_pairs, folded_weights
 
 ATTRIBUTE = "training_norms"  # the model's ModuleList of norms; its keys are dropped from checkpoints
 CONV_NAMES = "training_norm_convs"  # the names of the convs they follow, in the same order
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 
-@torch.no_grad()
 def _convs_to_normalise(model: nn.Module) -> list[str]:
-    """Names of the conv layers that no BatchNorm of the model's own follows, found by tracing one forward
-    pass, in the model's module order; not the last conv, the head: its logits stay free."""
+    """Names of the conv layers whose output no BatchNorm of the model's own takes (found by tracing one
+    forward pass), in the model's module order; not the last conv, the head: its logits stay free."""
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, CONVS)][:-1]
-    made_by, normalised, hooks = {}, set(), []
-    for _, conv in convs:
-        # Each output is kept alive, so that no later tensor takes its id.
-        hooks.append(conv.register_forward_hook(lambda m, i, o: made_by.__setitem__(id(o), (o, m))))
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            hooks.append(module.register_forward_hook(
-                lambda m, i, o: normalised.add(made_by.get(id(i[0]), (None, None))[1])))
     was_training = model.training
     try:
         model.eval()  # running statistics stay untouched
-        model(torch.zeros(1, 3, 64, 64, device=next(model.parameters()).device))
+        pairs, _ = conv_batchnorm_pairs(model, torch.zeros(1, 3, 64, 64, device=next(model.parameters()).device))
     finally:
         model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+    normalised = {conv for conv, _ in pairs}
     return [name for name, conv in convs if conv not in normalised]
 
 
