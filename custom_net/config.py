@@ -173,11 +173,13 @@ def _training_options(p: argparse.ArgumentParser) -> None:
                    help="per process, i.e. per GPU: under torchrun the global batch is this times the number of "
                         f"processes; auto = {AUTO_BATCH_SIZES[0]}, or {AUTO_BATCH_SIZES[-1]} where that makes fewer than "
                         f"{AUTO_BATCH_MIN_STEPS} steps an epoch (small projects learn in more, smaller steps)")
-    smooth = SmoothJaccardNLLLoss.smooth
+    smooth, share = SmoothJaccardNLLLoss.smooth, SmoothJaccardNLLLoss.absent_share
+    pct = f"{100 * share:g}%%"  # argparse expands help with %
     g.add_argument("--loss", choices=list(LOSSES), default="smooth_jaccard_nll",
                    help="jaccard_nll = the original's (1-w)*NLL - w*sum log(soft Jaccard), smoothed by 1e-15 (a class "
                         "absent from a batch adds ~35); smooth_jaccard_nll = the same smoothed by "
-                        f"{smooth:g} pixels (an absent class adds log(1 + its predicted area / {smooth:g})); "
+                        f"{smooth:g} pixels, and by {pct} of the batch's pixels for a class absent from it (which then "
+                        f"adds log(1 + its predicted share / {pct}), at most log({1 + 1 / share:g})); "
                         "ce_dice = cross-entropy + soft Dice")
     g.add_argument("--jaccard-weight", type=_fraction, default=0.5, help="w in the loss (Jaccard or Dice share)")
     g.add_argument("--class-weights", nargs="+", type=float, metavar="W", help="per-class loss weights, in class-id order")

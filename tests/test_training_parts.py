@@ -56,20 +56,36 @@ def test_jaccard_nll_matches_the_original_formula():
 
 def test_smooth_jaccard_is_bounded_when_a_class_is_absent_and_still_charges_its_false_positives():
     """A batch without class 2: the original's form adds about 0.5 * -log(1e-15 / area) for it even when it is
-    barely predicted; the smoothed form adds 0.5 * log(1 + area / 16), which grows with the area predicted."""
+    barely predicted; the smoothed form adds 0.5 * log(1 + 100 * area / pixels), which grows with the share of
+    the batch predicted as that class but never past 0.5 * log(101)."""
     torch.manual_seed(0)
     absent = torch.randint(0, 2, (2, 32, 32))  # classes 0 and 1 only
     original, smooth = JaccardNLLLoss(3, 0.5), SmoothJaccardNLLLoss(3, 0.5)
     quiet = F.one_hot(absent, 3).permute(0, 3, 1, 2).float() * 4  # class 2 at ~1.5% a pixel: ~30 pixels in all
     area = quiet.softmax(1)[:, 2].sum().item()
     assert original(quiet, absent).item() > 15
-    assert smooth(quiet, absent).item() < 3
+    assert smooth(quiet, absent).item() < 1
     loud = quiet.clone()
     loud[:, 2] = 6  # now class 2 wins every pixel: the smoothed loss charges it
     assert smooth(loud, absent).item() > smooth(quiet, absent).item() + 2
-    gap = original(quiet, absent).item() - smooth(quiet, absent).item()  # mostly the absent class's term
-    assert gap == pytest.approx(0.5 * (-math.log(1e-15 / area) - math.log(1 + area / 16)), rel=0.005)
-    every = torch.randint(0, 3, (2, 128, 128))  # present classes of thousands of pixels, as in a real batch
+    gap = original(quiet, absent).item() - smooth(quiet, absent).item()  # the absent class's term only
+    assert gap == pytest.approx(0.5 * (-math.log(1e-15 / area) - math.log(1 + 100 * area / absent.numel())), rel=1e-4)
+    # Its term depends on the share of the batch, not on the batch's size: the same images twice over add as much
+    # (a fixed 16-pixel smoothing would add 0.25 more; the present classes' terms move by under 0.001).
+    doubled = smooth(quiet.repeat(2, 1, 1, 1), absent.repeat(2, 1, 1))
+    assert doubled.item() == pytest.approx(smooth(quiet, absent).item(), abs=0.002)
+    # However much of the batch it takes, the absent class adds at most 0.5 * log(101) to the present ones' terms.
+    only_absent = torch.zeros(2, 3, 32, 32)
+    only_absent[:, 2] = 30
+    probs = only_absent.softmax(1)
+    expected = 0.5 * F.nll_loss(probs.log(), absent).item() + 0.5 * math.log(101)
+    for c in (0, 1):  # the present classes, smoothed by 16
+        truth = (absent == c).float()
+        inter = (probs[:, c] * truth).sum().item()
+        expected -= 0.5 * math.log((inter + 16) / (probs[:, c].sum().item() + truth.sum().item() - inter + 16))
+    assert smooth(only_absent, absent).item() == pytest.approx(expected, rel=1e-3)
+    # Classes present with thousands of pixels, as in a real batch: smoothed by 16, nearly the original.
+    every = torch.randint(0, 3, (2, 128, 128))
     logits = torch.randn(2, 3, 128, 128)
     assert smooth(logits, every).item() == pytest.approx(original(logits, every).item(), rel=0.01)
 
