@@ -82,4 +82,3 @@ def build_loss(name: str, num_classes: int, weight: float, class_weights: list[f
         raise ValueError(f"--class-weights has {len(class_weights)} values for {num_classes} classes (with __bg__)")
     weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
     return LOSSES[name](num_classes, weight, weights)
-
